@@ -1,0 +1,1 @@
+"""Mirrors ``onnxruntime.capi`` so that imports written for onnxruntime resolve under rkort too."""

@@ -1,0 +1,264 @@
+"""``InferenceSession``: onnxruntime's session, with the RKNNExecutionProvider in front of it.
+
+rkort's session *is* an onnxruntime session (a subclass): the onnxruntime CPU session it holds
+loads and checks the model exactly as onnxruntime does, answers every metadata question, raises
+onnxruntime's errors, and runs the model whenever RKNN cannot. When ``RKNNExecutionProvider`` is
+asked for and can run the model, ``run()`` sends valid feeds to the compiled blob instead.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as _ort
+
+from .engine import RKNNEngine, Unsupported
+from .errors import EPFail, ort_error
+from .feed import output_indices, prepare
+from .model import ModelSource
+from .options import ALIASES, PROVIDER, RKNNOptions
+
+log = logging.getLogger("rkort")
+
+ProviderList = Sequence[Any] | None
+
+
+def split_providers(
+    providers: ProviderList, provider_options: Sequence[dict[Any, Any]] | None
+) -> tuple[dict[str, str] | None, ProviderList, Sequence[dict[Any, Any]] | None]:
+    """(RKNN options or None, the other providers, their options), forms kept as given.
+
+    Malformed arguments are passed through untouched so onnxruntime raises its own error.
+    """
+    if not isinstance(providers, collections.abc.Sequence) or isinstance(providers, str):
+        return None, providers, provider_options
+    if provider_options is not None and (
+        not isinstance(provider_options, collections.abc.Sequence)
+        or len(provider_options) != len(providers)
+    ):
+        return None, providers, provider_options
+    rknn: dict[str, str] | None = None
+    rest: list[Any] = []
+    rest_options: list[dict[Any, Any]] = []
+    for i, p in enumerate(providers):
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict):
+            name, opts = p
+        elif isinstance(p, str):
+            name = p
+            opts = provider_options[i] if provider_options is not None else {}
+        else:
+            return None, providers, provider_options
+        if name in ALIASES:
+            if rknn is None:
+                rknn = {str(k): str(v) for k, v in opts.items()}
+            else:
+                log.warning("Duplicate provider '%s' encountered, ignoring.", PROVIDER)
+            continue
+        rest.append(p)
+        if provider_options is not None:
+            rest_options.append(provider_options[i])
+    if rknn is None:
+        return None, providers, provider_options
+    if not rest:
+        rest = ["CPUExecutionProvider"]
+        rest_options = [{}] if provider_options is not None else []
+    return rknn, rest, (rest_options if provider_options is not None else None)
+
+
+class InferenceSession(_ort.InferenceSession):
+    """onnxruntime's InferenceSession, able to run the model on a Rockchip NPU.
+
+    ``providers=["RKNNExecutionProvider", "CPUExecutionProvider"]`` (or ``"RKNN"``) compiles the
+    model to an RKNN blob through rkort's cache and runs it there; provider options: ``target``,
+    ``dtype``, ``core_mask``, ``cache_dir``, ``device_id``, ``fallback``, ... (see
+    ``rkort.options.KNOWN``). Everything else behaves as onnxruntime's session.
+    """
+
+    _rknn: RKNNEngine | None = None
+
+    def __init__(
+        self,
+        path_or_bytes: Any,
+        sess_options: _ort.SessionOptions | None = None,
+        providers: ProviderList = None,
+        provider_options: Sequence[dict[Any, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._rknn = None
+        self._rknn_options: dict[str, str] = {}
+        self._source: ModelSource | None = None
+        super().__init__(path_or_bytes, sess_options, providers, provider_options, **kwargs)
+
+    # onnxruntime's __init__ and set_providers() both come through here.
+    def _create_inference_session(self, providers, provider_options, disabled_optimizers=None):  # type: ignore[no-untyped-def]
+        self._close_rknn()
+        rknn_options, rest, rest_options = split_providers(providers, provider_options)
+        options = RKNNOptions.parse(rknn_options) if rknn_options is not None else None
+        super()._create_inference_session(rest, rest_options, disabled_optimizers)
+        if options is not None:
+            self._start_rknn(options)
+
+    def _start_rknn(self, options: RKNNOptions) -> None:
+        if self._source is None:
+            self._source = ModelSource(
+                self._model_path if self._model_path is not None else self._model_bytes
+            )
+        try:
+            engine = RKNNEngine(self._source, self.get_inputs(), self.get_outputs(), options)
+        except Exception as e:  # noqa: BLE001 - every RKNN failure means: the next provider runs it
+            from .compiler import CompileError
+
+            if not isinstance(e, (Unsupported, CompileError, OSError)):
+                log.debug("RKNN setup failed unexpectedly", exc_info=True)
+            reason = f"{type(e).__name__}: {e}"
+            if not options.fallback:
+                raise ort_error(EPFail, f"{PROVIDER} cannot run this model: {reason}") from e
+            log.warning(
+                "%s cannot run this model, falling back to %s: %s",
+                PROVIDER,
+                self._providers,
+                reason,
+            )
+            return
+        self._rknn = engine
+        self._rknn_options = dict(options.raw)
+        self._providers = [PROVIDER, *self._providers]
+        self._provider_options = {PROVIDER: dict(options.raw), **self._provider_options}
+
+    def _close_rknn(self) -> None:
+        engine, self._rknn = self._rknn, None
+        if engine is not None:
+            engine.close()
+
+    def __del__(self) -> None:
+        try:
+            self._close_rknn()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def run(self, output_names, input_feed, run_options=None):  # type: ignore[no-untyped-def]
+        """Compute the outputs (all when ``output_names`` is None or empty), as onnxruntime does."""
+        engine = self._rknn
+        if engine is None:
+            return super().run(output_names, input_feed, run_options)
+        self._validate_input(list(input_feed.keys()))
+        arrays = prepare(input_feed, engine.input_names, *self._input_signature())
+        picks = output_indices(output_names, engine.output_names)
+        if arrays is None or picks is None:
+            # onnxruntime's own session raises its own error for this feed (or, when it takes
+            # it after all, computes what onnxruntime would).
+            return self._sess.run(output_names or list(engine.output_names), input_feed, run_options)
+        outs = engine.run(arrays)
+        return _pick(outs, picks)
+
+    def _input_signature(self) -> tuple[list[np.dtype], list[list[Any]]]:
+        from .feed import dtype_of
+
+        metas = self._inputs_meta
+        return [dtype_of(m.type) for m in metas], [m.shape for m in metas]  # type: ignore[misc]
+
+    def run_with_ort_values(self, output_names, input_dict_ort_values, run_options=None):  # type: ignore[no-untyped-def]
+        """As onnxruntime's: OrtValues in, OrtValues out."""
+        if self._rknn is None:
+            return super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+        self._validate_input(list(input_dict_ort_values.keys()))
+        feed = {}
+        for name, value in input_dict_ort_values.items():
+            if not isinstance(value, _ort.OrtValue) or not value.is_tensor():
+                return super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+            feed[name] = value.numpy()
+        outs = self.run(output_names, feed, run_options)
+        return [_ort.OrtValue.ortvalue_from_numpy(o) for o in outs]
+
+    def io_binding(self) -> _ort.IOBinding:
+        """An IOBinding whose CPU inputs a run on RKNN can read."""
+        return IOBinding(self)
+
+    def run_with_iobinding(self, iobinding, run_options=None):  # type: ignore[no-untyped-def]
+        """Run with bound inputs/outputs; on RKNN when the inputs were bound from CPU arrays."""
+        if self._rknn is None or not isinstance(iobinding, IOBinding) or iobinding._opaque:
+            if self._rknn is not None:
+                log.info("IOBinding inputs bound by pointer: running this call on the CPU")
+            return super().run_with_iobinding(iobinding, run_options)
+        names = list(iobinding._outputs) or None
+        outs = self.run(names, dict(iobinding._inputs), run_options)
+        iobinding._set_results(names or list(self._rknn.output_names), outs)
+
+
+class IOBinding(_ort.IOBinding):
+    """onnxruntime's IOBinding, remembering CPU inputs so a run on RKNN can use them."""
+
+    def __init__(self, session: _ort.InferenceSession) -> None:
+        super().__init__(session)
+        self._inputs: dict[str, np.ndarray] = {}
+        self._outputs: dict[str, _ort.OrtValue | None] = {}
+        self._opaque = False
+        self._results: list[_ort.OrtValue] | None = None
+
+    def bind_cpu_input(self, name, arr_on_cpu):  # type: ignore[no-untyped-def]
+        super().bind_cpu_input(name, arr_on_cpu)
+        self._inputs[name] = arr_on_cpu
+
+    def bind_ortvalue_input(self, name, ortvalue):  # type: ignore[no-untyped-def]
+        super().bind_ortvalue_input(name, ortvalue)
+        if ortvalue.device_name().lower() == "cpu" and ortvalue.is_tensor():
+            self._inputs[name] = ortvalue.numpy()
+        else:
+            self._opaque = True
+
+    def bind_input(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().bind_input(*args, **kwargs)
+        self._opaque = True
+
+    def bind_output(self, name, device_type="cpu", device_id=0, element_type=None, shape=None, buffer_ptr=None):  # type: ignore[no-untyped-def]
+        super().bind_output(name, device_type, device_id, element_type, shape, buffer_ptr)
+        if buffer_ptr is not None or str(device_type).lower() != "cpu":
+            self._opaque = True
+        self._outputs[name] = None
+
+    def bind_ortvalue_output(self, name, ortvalue):  # type: ignore[no-untyped-def]
+        super().bind_ortvalue_output(name, ortvalue)
+        self._outputs[name] = ortvalue
+
+    def clear_binding_inputs(self):  # type: ignore[no-untyped-def]
+        super().clear_binding_inputs()
+        self._inputs.clear()
+        self._opaque = False
+
+    def clear_binding_outputs(self):  # type: ignore[no-untyped-def]
+        super().clear_binding_outputs()
+        self._outputs.clear()
+        self._results = None
+
+    def _set_results(self, names: list[str], outs: list[np.ndarray]) -> None:
+        results = []
+        for name, out in zip(names, outs):
+            bound = self._outputs.get(name)
+            if bound is not None:
+                bound.update_inplace(out)
+                results.append(bound)
+            else:
+                results.append(_ort.OrtValue.ortvalue_from_numpy(out))
+        self._results = results
+
+    def get_outputs(self):  # type: ignore[no-untyped-def]
+        if self._results is not None:
+            return list(self._results)
+        return super().get_outputs()
+
+    def copy_outputs_to_cpu(self):  # type: ignore[no-untyped-def]
+        if self._results is not None:
+            return [r.numpy() for r in self._results]
+        return super().copy_outputs_to_cpu()
+
+
+def _pick(outs: list[np.ndarray], picks: list[int]) -> list[np.ndarray]:
+    seen: set[int] = set()
+    result = []
+    for i in picks:
+        result.append(outs[i].copy() if i in seen else outs[i])
+        seen.add(i)
+    return result
