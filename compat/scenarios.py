@@ -65,7 +65,10 @@ def two_in_two_out() -> bytes:
     s = helper.make_tensor_value_info("sum", F, [1, 3, 8, 8])
     p = helper.make_tensor_value_info("prod", F, [1, 3, 8, 8])
     return _model(
-        [helper.make_node("Add", ["A", "B"], ["sum"]), helper.make_node("Mul", ["A", "B"], ["prod"])],
+        [
+            helper.make_node("Add", ["A", "B"], ["sum"]),
+            helper.make_node("Mul", ["A", "B"], ["prod"]),
+        ],
         [a, b],
         [s, p],
     )
@@ -112,7 +115,9 @@ def dynamic_batch() -> bytes:
 def unknown_op() -> bytes:
     x = helper.make_tensor_value_info("X", F, [1])
     y = helper.make_tensor_value_info("Y", F, [1])
-    graph = helper.make_graph([helper.make_node("FooOp", ["X"], ["Y"], domain="com.foo")], "g", [x], [y])
+    graph = helper.make_graph(
+        [helper.make_node("FooOp", ["X"], ["Y"], domain="com.foo")], "g", [x], [y]
+    )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.foo", 1)]
     )
@@ -146,7 +151,9 @@ def _f(*shape: int) -> Callable[[np.random.Generator], np.ndarray]:
     return lambda rng: rng.standard_normal(shape).astype(np.float32)
 
 
-def _bad_feeds(name: str, shape: tuple[int, ...], extra: dict[str, Callable] | None = None) -> list[Call]:
+def _bad_feeds(
+    name: str, shape: tuple[int, ...], extra: dict[str, Callable] | None = None
+) -> list[Call]:
     """The mistakes a user makes with a single float input ``name`` of fixed ``shape``."""
     good = _f(*shape)
     other = dict(extra or {})
@@ -158,18 +165,42 @@ def _bad_feeds(name: str, shape: tuple[int, ...], extra: dict[str, Callable] | N
         Call("good", None, with_(good)),
         Call("empty output list", [], with_(good)),
         Call("list input", None, with_(lambda rng: good(rng).tolist())),
-        Call("non-contiguous", None, with_(lambda rng: np.asfortranarray(good(rng)) if len(shape) > 1 else good(rng))),
-        Call("nan and inf", None, with_(lambda rng: np.where(good(rng) > 1, np.nan, np.where(good(rng) < -1, np.inf, good(rng))).astype(np.float32))),
+        Call(
+            "non-contiguous",
+            None,
+            with_(lambda rng: np.asfortranarray(good(rng)) if len(shape) > 1 else good(rng)),
+        ),
+        Call(
+            "nan and inf",
+            None,
+            with_(
+                lambda rng: np.where(
+                    good(rng) > 1, np.nan, np.where(good(rng) < -1, np.inf, good(rng))
+                ).astype(np.float32)
+            ),
+        ),
         Call("wrong dtype float64", None, with_(lambda rng: good(rng).astype(np.float64))),
         Call("wrong dtype int64", None, with_(lambda rng: good(rng).astype(np.int64))),
         Call("wrong dtype float16", None, with_(lambda rng: good(rng).astype(np.float16))),
         Call("wrong rank", None, with_(lambda rng: good(rng)[None])),
-        Call("wrong fixed dim", None, with_(lambda rng: rng.standard_normal((*shape[:-1], shape[-1] + 1)).astype(np.float32))),
+        Call(
+            "wrong fixed dim",
+            None,
+            with_(lambda rng: rng.standard_normal((*shape[:-1], shape[-1] + 1)).astype(np.float32)),
+        ),
         Call("string array", None, with_(lambda rng: np.full(shape, "a"))),
         Call("python scalar", None, with_(lambda rng: 1.0)),
         Call("numpy scalar", None, with_(lambda rng: np.float32(1.0))),
         Call("None value", None, with_(lambda rng: None)),
-        Call("unknown input name", None, lambda rng: {name: good(rng), "bogus": good(rng), **{k: f(rng) for k, f in other.items()}}),
+        Call(
+            "unknown input name",
+            None,
+            lambda rng: {
+                name: good(rng),
+                "bogus": good(rng),
+                **{k: f(rng) for k, f in other.items()},
+            },
+        ),
         Call("missing input", None, lambda rng: {k: f(rng) for k, f in other.items()}),
         Call("unknown output name", ["nope"], with_(good)),
         Call("feed is a list", None, lambda rng: [good(rng)]),
@@ -178,12 +209,28 @@ def _bad_feeds(name: str, shape: tuple[int, ...], extra: dict[str, Callable] | N
 
 
 def scenarios() -> list[Scenario]:
-    mlp_calls = _bad_feeds("X", (2, 16)) + [Call("output by name", ["Y"], lambda rng: {"X": _f(2, 16)(rng)})]
+    mlp_calls = _bad_feeds("X", (2, 16)) + [
+        Call("output by name", ["Y"], lambda rng: {"X": _f(2, 16)(rng)})
+    ]
     tio = [
-        Call("both outputs", None, lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)}),
-        Call("reversed outputs", ["prod", "sum"], lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)}),
-        Call("repeated output", ["sum", "sum"], lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)}),
-        Call("tuple of names", ("prod",), lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)}),
+        Call(
+            "both outputs", None, lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)}
+        ),
+        Call(
+            "reversed outputs",
+            ["prod", "sum"],
+            lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)},
+        ),
+        Call(
+            "repeated output",
+            ["sum", "sum"],
+            lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)},
+        ),
+        Call(
+            "tuple of names",
+            ("prod",),
+            lambda rng: {"A": _f(1, 3, 8, 8)(rng), "B": _f(1, 3, 8, 8)(rng)},
+        ),
     ] + _bad_feeds("A", (1, 3, 8, 8), {"B": _f(1, 3, 8, 8)})
     ids = lambda rng: rng.integers(0, 100, (1, 6)).astype(np.int64)  # noqa: E731
     emb = [
@@ -209,7 +256,10 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "dynamic_batch",
             dynamic_batch,
-            [Call(f"batch {n}", None, (lambda n: lambda rng: {"X": _f(n, 4)(rng)})(n)) for n in (1, 3, 0)],
+            [
+                Call(f"batch {n}", None, lambda rng, n=n: {"X": _f(n, 4)(rng)})
+                for n in (1, 3, 0)
+            ],
             runs_on_rknn=False,
         ),
     ]

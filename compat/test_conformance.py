@@ -22,7 +22,12 @@ _references: dict[str, Any] = {}
 
 def _config_params() -> list[Any]:
     return [
-        pytest.param(name, marks=pytest.mark.skipif(name == "rknn" and not rknn_available(), reason="no RKNN backend on this machine"))
+        pytest.param(
+            name,
+            marks=pytest.mark.skipif(
+                name == "rknn" and not rknn_available(), reason="no RKNN backend on this machine"
+            ),
+        )
         for name in CONFIGS
     ]
 
@@ -104,9 +109,19 @@ def test_session_api_matches_onnxruntime(scenario: Scenario, config: str) -> Non
         (sess.get_outputs(), ref.get_outputs()),
         (sess.get_overridable_initializers(), ref.get_overridable_initializers()),
     ]:
-        assert [(a.name, a.shape, a.type) for a in mine] == [(a.name, a.shape, a.type) for a in theirs]
+        assert [(a.name, a.shape, a.type) for a in mine] == [
+            (a.name, a.shape, a.type) for a in theirs
+        ]
     m, r = sess.get_modelmeta(), ref.get_modelmeta()
-    for field in ("custom_metadata_map", "description", "domain", "graph_description", "graph_name", "producer_name", "version"):
+    for field in (
+        "custom_metadata_map",
+        "description",
+        "domain",
+        "graph_description",
+        "graph_name",
+        "producer_name",
+        "version",
+    ):
         assert getattr(m, field) == getattr(r, field), field
     expected_providers = ["CPUExecutionProvider"]
     if config == "rknn" and scenario.runs_on_rknn:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
-import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from .backends.base import Runner
 from .cache import Cache, Entry, make_key
 from .compiler import BuildSpec, compile_blob, toolkit_version
 from .feed import dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
 from .platform import is_board, toolkit_lite_version
+from .shapes import infer_output_shapes
 
 log = logging.getLogger("rkort")
 
@@ -46,6 +48,79 @@ def runtime_version() -> str:
     return toolkit_version() or toolkit_lite_version() or "unknown"
 
 
+def plan_spec(
+    model: ModelSource,
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+    options: RKNNOptions,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> BuildSpec:
+    """The BuildSpec for a model with the given static input shapes (``shapes`` fixes dynamic
+    dims; without it every input must be static). Output shapes follow by shape inference."""
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {i.name for i in inputs}
+    if unknown:
+        raise ValueError(
+            f"no input named {sorted(unknown)}; the inputs are {[i.name for i in inputs]}"
+        )
+    input_shapes = tuple(_static_shape(i, shapes.get(i.name)) for i in inputs)
+    output_shapes: list[tuple[int, ...]] = []
+    inferred: dict[str, tuple[int, ...] | None] | None = None
+    for o in outputs:
+        if all(isinstance(d, int) for d in o.shape) and not shapes:
+            output_shapes.append(tuple(o.shape))
+            continue
+        if inferred is None:
+            inferred = infer_output_shapes(
+                model.proto, dict(zip((i.name for i in inputs), input_shapes))
+            )
+        shape = inferred.get(o.name)
+        if shape is None:
+            raise Unsupported(f"the shape of output {o.name!r} cannot be inferred statically")
+        output_shapes.append(shape)
+    return BuildSpec(
+        model_path=str(model.path),
+        input_names=tuple(i.name for i in inputs),
+        input_shapes=input_shapes,
+        input_dtypes=tuple(_tensor_dtype(i).name for i in inputs),
+        output_names=tuple(o.name for o in outputs),
+        output_shapes=tuple(output_shapes),
+        output_dtypes=tuple(_tensor_dtype(o).name for o in outputs),
+        target=options.target,
+        quantized_dtype=options.quantized_dtype,
+        dataset=options.dataset,
+        optimization_level=options.optimization_level,
+    )
+
+
+def blob_key(model: ModelSource, cache: Cache, spec: BuildSpec) -> str:
+    """The cache key of one compiled blob: model content, the spec, and the toolchain version."""
+    return make_key(
+        {"model": model.content_hash(cache), "toolkit": runtime_version(), **spec.key_parts()}
+    )
+
+
+def _meta(model: ModelSource, spec: BuildSpec) -> dict[str, Any]:
+    return {
+        "model": str(model.path),
+        "target": spec.target,
+        "inputs": {n: list(s) for n, s in zip(spec.input_names, spec.input_shapes)},
+        "dtype": spec.quantized_dtype or spec.float_dtype,
+        "toolkit": runtime_version(),
+    }
+
+
+def compile_to_cache(
+    model: ModelSource, spec: BuildSpec, cache: Cache, progress: bool | None = None
+) -> tuple[Entry, bool]:
+    """Make sure the blob for ``spec`` is in the cache; True when this call compiled it."""
+    return cache.get_or_build(
+        blob_key(model, cache, spec),
+        lambda dest: compile_blob(spec, dest, progress=progress),
+        _meta(model, spec),
+    )
+
+
 class RKNNEngine:
     """Runs a whole model with static input shapes as one compiled blob."""
 
@@ -60,68 +135,34 @@ class RKNNEngine:
         self.backend = choose_backend(options)
         self.cache = Cache(options.cache_dir)
         self._model = model
-        self.input_names = tuple(i.name for i in inputs)
-        self.output_names = tuple(o.name for o in outputs)
-        self.output_dtypes = tuple(_tensor_dtype(o) for o in outputs)
-        for i in inputs:
-            _tensor_dtype(i)
-        input_shapes = tuple(_static_shape(i) for i in inputs)
-        output_shapes = tuple(_static_shape(o) for o in outputs)
-        self.spec = BuildSpec(
-            model_path=str(model.path),
-            input_names=self.input_names,
-            input_shapes=input_shapes,
-            input_dtypes=tuple(_tensor_dtype(i).name for i in inputs),
-            output_names=self.output_names,
-            output_shapes=output_shapes,
-            output_dtypes=tuple(d.name for d in self.output_dtypes),
-            target=options.target,
-            quantized_dtype=options.quantized_dtype,
-            dataset=options.dataset,
-            optimization_level=options.optimization_level,
-        )
+        self.spec = plan_spec(model, inputs, outputs, options)
+        self.input_names = self.spec.input_names
+        self.output_names = self.spec.output_names
+        self.output_dtypes = tuple(np.dtype(d) for d in self.spec.output_dtypes)
         self._runner = self._open(self.spec)
-        self._lock = threading.Lock()
 
-    def key(self, spec: BuildSpec) -> str:
-        """The cache key of one compiled blob."""
-        return make_key(
-            {
-                "model": self._model.content_hash(self.cache),
-                "toolkit": runtime_version(),
-                **spec.key_parts(),
-            }
-        )
-
-    def _open(self, spec: BuildSpec):  # type: ignore[no-untyped-def]
-        key = self.key(spec)
-        meta = {
-            "model": str(self._model.path),
-            "target": spec.target,
-            "inputs": dict(zip(spec.input_names, [list(s) for s in spec.input_shapes])),
-            "toolkit": runtime_version(),
-        }
+    def _open(self, spec: BuildSpec) -> Runner:
         progress = self.options.progress
         if self.backend == "simulator":
             from .backends.simulator import open_simulator
 
             # The simulator runs only what it built in-process, so one build both fills the
             # cache (for boards and `rkort warmup`) and serves this session.
-            built_runner: list[Any] = []
+            built_runner: list[Runner] = []
 
             def build(dest: Path) -> dict[str, Any]:
                 built_runner.append(open_simulator(spec, export_to=dest, progress=progress))
                 return {}
 
-            entry, _ = self.cache.get_or_build(key, build, meta)
+            entry, _ = self.cache.get_or_build(
+                blob_key(self._model, self.cache, spec), build, _meta(self._model, spec)
+            )
             _discard_ephemeral(entry)
             if built_runner:
                 return built_runner[0]
             return open_simulator(spec, progress=progress)
 
-        entry, _ = self.cache.get_or_build(
-            key, lambda dest: compile_blob(spec, dest, progress=progress), meta
-        )
+        entry, _ = compile_to_cache(self._model, spec, self.cache, progress)
         if self.backend == "board":
             from .backends.board import open_board
 
@@ -151,7 +192,17 @@ def _tensor_dtype(arg: Any) -> np.dtype:
     return dt
 
 
-def _static_shape(arg: Any) -> tuple[int, ...]:
+def _static_shape(arg: Any, given: Sequence[int] | None = None) -> tuple[int, ...]:
+    if given is not None:
+        given = tuple(int(d) for d in given)
+        fixed_ok = len(given) == len(arg.shape) and all(
+            not isinstance(d, int) or d == g for d, g in zip(arg.shape, given)
+        )
+        if not fixed_ok:
+            raise ValueError(
+                f"shape {list(given)} does not fit input {arg.name!r} of shape {arg.shape}"
+            )
+        return given
     if not all(isinstance(d, int) for d in arg.shape):
         raise Unsupported(
             f"{arg.name!r} has dynamic shape {arg.shape}; the NPU needs static shapes "

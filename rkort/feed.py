@@ -9,7 +9,8 @@ construction rather than by imitation.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,9 @@ def prepare(
     return out
 
 
-def output_indices(output_names: Sequence[Any] | None, all_names: Sequence[str]) -> list[int] | None:
+def output_indices(
+    output_names: Sequence[Any] | None, all_names: Sequence[str]
+) -> list[int] | None:
     """Positions of the requested outputs (all when None/empty), or None if a name is unknown."""
     if not output_names:
         return list(range(len(all_names)))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .errors import InvalidArgument, ort_error
 
@@ -94,7 +94,9 @@ class RKNNOptions:
         quantized = _DTYPES[dtype]
         dataset = raw.get("dataset") or None
         if quantized and not dataset:
-            raise _bad("dtype", raw["dtype"], "a quantized build needs a calibration 'dataset' option")
+            raise _bad(
+                "dtype", raw["dtype"], "a quantized build needs a calibration 'dataset' option"
+            )
         if dataset and not os.path.isfile(dataset):
             raise _bad("dataset", dataset, "no such file")
         core_mask = 0
@@ -106,7 +108,11 @@ class RKNNOptions:
                 try:
                     core_mask = int(cm, 0)
                 except ValueError:
-                    raise _bad("core_mask", raw["core_mask"], f"expected one of {list(_CORE_MASKS)} or an integer") from None
+                    raise _bad(
+                        "core_mask",
+                        raw["core_mask"],
+                        f"expected one of {list(_CORE_MASKS)} or an integer",
+                    ) from None
         level = 3
         if "optimization_level" in raw:
             try:

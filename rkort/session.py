@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import collections.abc
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as _ort
@@ -44,7 +45,12 @@ def split_providers(
     rest: list[Any] = []
     rest_options: list[dict[Any, Any]] = []
     for i, p in enumerate(providers):
-        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict):
+        if (
+            isinstance(p, tuple)
+            and len(p) == 2
+            and isinstance(p[0], str)
+            and isinstance(p[1], dict)
+        ):
             name, opts = p
         elif isinstance(p, str):
             name = p
@@ -150,7 +156,9 @@ class InferenceSession(_ort.InferenceSession):
         if arrays is None or picks is None:
             # onnxruntime's own session raises its own error for this feed (or, when it takes
             # it after all, computes what onnxruntime would).
-            return self._sess.run(output_names or list(engine.output_names), input_feed, run_options)
+            return self._sess.run(
+                output_names or list(engine.output_names), input_feed, run_options
+            )
         outs = engine.run(arrays)
         return _pick(outs, picks)
 
@@ -213,7 +221,9 @@ class IOBinding(_ort.IOBinding):
         super().bind_input(*args, **kwargs)
         self._opaque = True
 
-    def bind_output(self, name, device_type="cpu", device_id=0, element_type=None, shape=None, buffer_ptr=None):  # type: ignore[no-untyped-def]
+    def bind_output(
+        self, name, device_type="cpu", device_id=0, element_type=None, shape=None, buffer_ptr=None
+    ):  # type: ignore[no-untyped-def]
         super().bind_output(name, device_type, device_id, element_type, shape, buffer_ptr)
         if buffer_ptr is not None or str(device_type).lower() != "cpu":
             self._opaque = True
