@@ -154,15 +154,17 @@ class RKNNEngine:
                 built_runner.append(open_simulator(spec, export_to=dest, progress=progress))
                 return {}
 
-            entry, _ = self.cache.get_or_build(
+            entry, built = self.cache.get_or_build(
                 blob_key(self._model, self.cache, spec), build, _meta(self._model, spec)
             )
+            _log_entry(entry, built, spec)
             _discard_ephemeral(entry)
             if built_runner:
                 return built_runner[0]
             return open_simulator(spec, progress=progress)
 
-        entry, _ = compile_to_cache(self._model, spec, self.cache, progress)
+        entry, built = compile_to_cache(self._model, spec, self.cache, progress)
+        _log_entry(entry, built, spec)
         if self.backend == "board":
             from .backends.board import open_board
 
@@ -178,6 +180,14 @@ class RKNNEngine:
 
     def close(self) -> None:
         self._runner.close()
+
+
+def _log_entry(entry: Entry, built: bool, spec: BuildSpec) -> None:
+    shapes = ", ".join(f"{n}={list(s)}" for n, s in zip(spec.input_names, spec.input_shapes))
+    if built:
+        log.info("compiled %s for %s (%s) into %s", spec.model_name, spec.target, shapes, entry.dir)
+    else:
+        log.info("using cached blob %s for %s (%s)", entry.key[:12], spec.model_name, shapes)
 
 
 def _discard_ephemeral(entry: Entry) -> None:
