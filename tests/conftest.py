@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import pytest
+
+import rkort
+
+RKNN = "RKNNExecutionProvider"
+
+needs_rknn = pytest.mark.skipif(
+    RKNN not in rkort.get_available_providers(), reason="no RKNN backend (toolkit or board runtime) here"
+)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A private, empty cache for one test (never the user's)."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("RKORT_CACHE_DIR", str(d))
+    return d
