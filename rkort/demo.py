@@ -45,15 +45,17 @@ def build_model(directory: Path, seq: int = 32) -> Path:
         def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    torch.onnx.export(
-        Logits(),
-        (ids, mask),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer chatter
+        torch.onnx.export(
+            Logits(),
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 
