@@ -1,0 +1,59 @@
+"""The board's NPU through rknn-toolkit-lite2 (aarch64 Rockchip boards with librknnrt.so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._worker import data_formats
+from ..compiler import BuildSpec
+from .base import Runner, RunnerError
+
+
+class BoardRunner(Runner):
+    name = "board"
+
+    def __init__(self, lite: Any, spec: BuildSpec, core_mask: int) -> None:
+        super().__init__(spec)
+        self.core_mask = core_mask
+        self._lite = lite
+        self._formats = data_formats(spec.input_shapes)
+
+    def _run(self, inputs: list[np.ndarray]) -> list[Any]:
+        outputs = self._lite.inference(inputs=inputs, data_format=self._formats)
+        if outputs is None:
+            raise RunnerError(
+                f"RKNNLite.inference() failed for {self.spec.model_name} (it returned None; "
+                "the runtime's reason is in its console output)"
+            )
+        return list(outputs)
+
+    def _release(self) -> None:
+        lite, self._lite = self._lite, None
+        if lite is not None:
+            lite.release()
+
+
+def open_board(blob_path: Path, spec: BuildSpec, core_mask: int = 0) -> Runner:
+    """Load ``blob_path`` into the board's NPU runtime on the cores in ``core_mask`` (0: auto)."""
+    try:
+        from rknnlite.api import RKNNLite
+    except ImportError as e:
+        raise RunnerError(
+            f"rknn-toolkit-lite2 cannot be imported ({e}); install rkort[board] on the board"
+        ) from e
+    lite = RKNNLite(verbose=False)
+    ret = lite.load_rknn(str(blob_path))
+    if ret != 0:
+        lite.release()
+        raise RunnerError(f"RKNNLite.load_rknn({str(blob_path)!r}) returned {ret}")
+    ret = lite.init_runtime(core_mask=core_mask)
+    if ret != 0:
+        lite.release()
+        raise RunnerError(
+            f"RKNNLite.init_runtime(core_mask={core_mask}) returned {ret} for {spec.model_name}; "
+            "check that librknnrt.so is at least as new as the toolkit that built the blob"
+        )
+    return BoardRunner(lite, spec, core_mask)

@@ -1,0 +1,133 @@
+"""What this machine is: a Rockchip board (which SoC, which NPU driver and runtime) or a host.
+
+Everything here reads files or package metadata; nothing imports the toolkit or starts a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import mmap
+import re
+from pathlib import Path
+
+#: The target platforms rknn-toolkit2 2.5.0 accepts in ``config(target_platform=...)``.
+SUPPORTED_TARGETS: tuple[str, ...] = (
+    "rk3588",
+    "rk3576",
+    "rk3568",
+    "rk3566",
+    "rk3562",
+    "rv1103",
+    "rv1103b",
+    "rv1106",
+    "rv1106b",
+    "rv1126b",
+    "rk2118",
+)
+
+_COMPATIBLE_FILES = (
+    Path("/proc/device-tree/compatible"),
+    Path("/sys/firmware/devicetree/base/compatible"),
+)
+# Device-tree SoC names whose NPU is the one of another target (RK3588S and RK3582 are RK3588 dies).
+_SOC_ALIASES = {"rk3588s": "rk3588", "rk3582": "rk3588", "rk3576s": "rk3576"}
+_NPU_VERSION_FILES = (
+    Path("/sys/kernel/debug/rknpu/version"),
+    Path("/proc/debug/rknpu/version"),
+    Path("/sys/module/rknpu/version"),
+)
+_LIBRKNNRT_FILES = (
+    Path("/usr/lib/librknnrt.so"),
+    Path("/usr/lib64/librknnrt.so"),
+    Path("/usr/local/lib/librknnrt.so"),
+    Path("/usr/lib/aarch64-linux-gnu/librknnrt.so"),
+)
+
+
+def _compatible_strings() -> list[str]:
+    for path in _COMPATIBLE_FILES:
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        return [s.decode("ascii", "replace").strip().lower() for s in raw.split(b"\0") if s.strip()]
+    return []
+
+
+@functools.lru_cache(maxsize=1)
+def _rockchip_socs() -> tuple[str, ...]:
+    return tuple(
+        s.split(",", 1)[1]
+        for s in _compatible_strings()
+        if s.startswith("rockchip,") and re.fullmatch(r"r[kv]\d{4}[a-z]?", s.split(",", 1)[1])
+    )
+
+
+def is_board() -> bool:
+    """True on a machine whose device tree names a Rockchip SoC."""
+    return bool(_rockchip_socs())
+
+
+def board_soc() -> str | None:
+    """The Rockchip SoC this machine runs on (``"rk3588"``, ``"rk3566"``, ...), or None on a host.
+
+    Variants with the same NPU are reported as their target name (RK3588S -> ``"rk3588"``).
+    """
+    socs = _rockchip_socs()
+    if not socs:
+        return None
+    for soc in socs:
+        name = _SOC_ALIASES.get(soc, soc)
+        if name in SUPPORTED_TARGETS:
+            return name
+    return socs[0]
+
+
+def default_target() -> str:
+    """The target to compile for when the user names none: this board's SoC, else ``"rk3588"``."""
+    soc = board_soc()
+    return soc if soc in SUPPORTED_TARGETS else "rk3588"
+
+
+def npu_driver_version() -> str | None:
+    """The rknpu kernel driver's version (``"0.9.8"``), where the kernel exposes it."""
+    for path in _NPU_VERSION_FILES:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        match = re.search(r"v?(\d+\.\d+(?:\.\d+)*)", text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def librknnrt_version() -> str | None:
+    """The board runtime's version (``"2.3.2"``) read from ``librknnrt.so``'s own strings."""
+    for path in _LIBRKNNRT_FILES:
+        version = _librknnrt_version_in(path)
+        if version:
+            return version
+    return None
+
+
+def _librknnrt_version_in(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(b"librknnrt version: ")
+            if at < 0:
+                return None
+            text = data[at : at + 120].split(b"\0", 1)[0].decode("ascii", "replace")
+    except (OSError, ValueError):
+        return None
+    match = re.match(r"librknnrt version: v?(\S+)", text)
+    return match.group(1) if match else None
+
+
+def toolkit_lite_version() -> str | None:
+    """The installed rknn-toolkit-lite2 (the board runtime's Python API) version, if any."""
+    try:
+        return importlib.metadata.version("rknn-toolkit-lite2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
