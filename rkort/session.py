@@ -125,14 +125,14 @@ class InferenceSession(_ort.InferenceSession):
             log.warning(
                 "%s cannot run this model, falling back to %s: %s",
                 PROVIDER,
-                self._providers,
+                self.get_providers(),
                 reason,
             )
             return
         self._rknn = engine
         self._rknn_options = dict(options.raw)
-        self._providers = [PROVIDER, *self._providers]
-        self._provider_options = {PROVIDER: dict(options.raw), **self._provider_options}
+        self._providers = [PROVIDER, *self.get_providers()]
+        self._provider_options = {PROVIDER: dict(options.raw), **self.get_provider_options()}
 
     def _close_rknn(self) -> None:
         engine, self._rknn = self._rknn, None
