@@ -61,51 +61,69 @@ def _cache(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_warmup(args: argparse.Namespace) -> int:
     import onnxruntime
 
-    from .compiler import CompileError
-    from .engine import Unsupported, compile_to_cache, plan_spec
+    from .compiler import BuildSpec, CompileError
+    from .engine import Unsupported, bucket_specs, compile_to_cache, make_policy, plan_spec
     from .model import ModelSource
     from .options import RKNNOptions
 
-    raw = {"dtype": args.dtype}
-    if args.target:
-        raw["target"] = args.target
-    if args.dataset:
-        raw["dataset"] = args.dataset
-    if args.cache_dir:
-        raw["cache_dir"] = args.cache_dir
-    raw["optimization_level"] = str(args.optimization_level)
+    raw = {"dtype": args.dtype, "optimization_level": str(args.optimization_level)}
+    for key in (
+        "target",
+        "dataset",
+        "cache_dir",
+        "buckets",
+        "batch_buckets",
+        "shape_mode",
+        "exact_dims",
+    ):
+        if getattr(args, key, None):
+            raw[key] = getattr(args, key)
     options = RKNNOptions.parse(raw)
     # onnxruntime reads and checks the model first: its errors are the ones the session gives.
     sess = onnxruntime.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
     model = ModelSource(args.model)
-    shapes = dict(args.shape or [])
+    specs: list[BuildSpec]
     try:
-        spec = plan_spec(model, sess.get_inputs(), sess.get_outputs(), options, shapes)
-    except Unsupported as e:
+        if args.shape:
+            specs = [plan_spec(model, inputs, outputs, options, dict(args.shape))]
+        else:
+            policy = make_policy(model, inputs, outputs, options)
+            specs = bucket_specs(model, inputs, outputs, options, policy)
+            if not specs:
+                exact = [s for s, k in policy.kind.items() if k == "exact"]
+                raise UsageError(
+                    f"dims {exact} are compiled per observed size, not padded to buckets; "
+                    "give each dynamic input a --shape NAME=DIMxDIM"
+                )
+    except (Unsupported, ValueError) as e:
         raise UsageError(f"{e}; give each dynamic input a --shape NAME=DIMxDIM") from None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     cache = _cache(args)
-    started = time.monotonic()
-    try:
-        entry, built = compile_to_cache(
-            model, spec, cache, progress=None if not args.quiet else False
+    compiled = cached = 0
+    for spec in specs:
+        started = time.monotonic()
+        try:
+            entry, built = compile_to_cache(
+                model, spec, cache, progress=None if not args.quiet else False
+            )
+        except CompileError as e:
+            print(f"rkort warmup: could not compile {args.model}: {e}", file=sys.stderr)
+            return 1
+        shapes_text = ", ".join(
+            f"{n}={'x'.join(map(str, s))}" for n, s in zip(spec.input_names, spec.input_shapes)
         )
-    except CompileError as e:
-        print(f"rkort warmup: could not compile {args.model}: {e}", file=sys.stderr)
-        return 1
-    shapes_text = ", ".join(
-        f"{n}={'x'.join(map(str, s))}" for n, s in zip(spec.input_names, spec.input_shapes)
-    )
-    what = f"{args.model} for {spec.target} ({spec.quantized_dtype or 'fp16'}; {shapes_text})"
-    if built:
-        print(
-            f"compiled {what} in {time.monotonic() - started:.1f} s -> {entry.blob_path} ({_human(entry.size)})"
-        )
-        print("1 compiled, 0 already in the cache")
-    else:
-        print(f"already in the cache: {what} -> {entry.blob_path}")
-        print("0 compiled, 1 already in the cache")
+        if spec.dynamic_input:
+            shapes_text = f"{len(spec.dynamic_input)} shapes up to {shapes_text}"
+        what = f"{args.model} for {spec.target} ({spec.quantized_dtype or 'fp16'}; {shapes_text})"
+        if built:
+            compiled += 1
+            print(
+                f"compiled {what} in {time.monotonic() - started:.1f} s -> {entry.blob_path} ({_human(entry.size)})"
+            )
+        else:
+            cached += 1
+            print(f"already in the cache: {what}")
+    print(f"{compiled} compiled, {cached} already in the cache")
     return 0
 
 
@@ -283,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp16",
         help="fp16 (default), or w8a8/w8a16/w16a16i_dfp/w4a16 with --dataset",
     )
+    w.add_argument(
+        "--buckets",
+        help="sequence-length buckets to compile, e.g. 32,64,128 (default: the session's)",
+    )
+    w.add_argument(
+        "--batch-buckets",
+        dest="batch_buckets",
+        help="batch-size buckets, e.g. 1,4 (default: the session's, 1,2,4,8)",
+    )
+    w.add_argument(
+        "--shape-mode",
+        dest="shape_mode",
+        choices=("buckets", "dynamic"),
+        help="one blob per bucket (default) or one multi-shape blob",
+    )
     w.add_argument("--dataset", help="calibration dataset file for a quantized build")
     w.add_argument("--optimization-level", type=int, default=3, choices=(0, 1, 2, 3))
     w.add_argument("--cache-dir", help="default: $RKORT_CACHE_DIR or the user cache dir")
@@ -308,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_env)
+
+    from .integrations.run import add_run_parser
+
+    add_run_parser(sub)
     return p
 
 

@@ -6,15 +6,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends.base import Runner
+from .backends.base import Runner, RunnerClosed
+from .buckets import Oversize, ShapePolicy
 from .cache import Cache, Entry, make_key
 from .compiler import BuildSpec, compile_blob, toolkit_version
+from .errors import InvalidArgument, ort_error
 from .feed import dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
@@ -64,33 +69,51 @@ def plan_spec(
             f"no input named {sorted(unknown)}; the inputs are {[i.name for i in inputs]}"
         )
     input_shapes = tuple(_static_shape(i, shapes.get(i.name)) for i in inputs)
-    output_shapes: list[tuple[int, ...]] = []
-    inferred: dict[str, tuple[int, ...] | None] | None = None
-    for o in outputs:
-        if all(isinstance(d, int) for d in o.shape) and not shapes:
-            output_shapes.append(tuple(o.shape))
-            continue
-        if inferred is None:
-            inferred = infer_output_shapes(
-                model.proto, dict(zip((i.name for i in inputs), input_shapes))
-            )
-        shape = inferred.get(o.name)
-        if shape is None:
-            raise Unsupported(f"the shape of output {o.name!r} cannot be inferred statically")
-        output_shapes.append(shape)
+    # Output dims named after input dims take those sizes; only the rest needs inference.
+    sizes: dict[Any, int] = {}
+    for i, shape in zip(inputs, input_shapes):
+        for d, n in zip(i.shape, shape):
+            if isinstance(d, str):
+                sizes[d] = n
+    output_shapes: list[tuple[int, ...] | None] = [
+        tuple(d if isinstance(d, int) else sizes[d] for d in o.shape)
+        if all(isinstance(d, int) or d in sizes for d in o.shape)
+        else None
+        for o in outputs
+    ]
+    if None in output_shapes:
+        named = dict(zip((i.name for i in inputs), input_shapes))
+        inferred = infer_output_shapes(model.proto, named)
+        output_shapes = [s or inferred.get(o.name) for s, o in zip(output_shapes, outputs)]
+    if None in output_shapes:
+        probed = _probe_output_shapes(model, inputs, input_shapes)
+        output_shapes = [s or p for s, p in zip(output_shapes, probed)]
     return BuildSpec(
         model_path=str(model.path),
         input_names=tuple(i.name for i in inputs),
         input_shapes=input_shapes,
         input_dtypes=tuple(_tensor_dtype(i).name for i in inputs),
         output_names=tuple(o.name for o in outputs),
-        output_shapes=tuple(output_shapes),
+        output_shapes=tuple(s for s in output_shapes if s is not None),
         output_dtypes=tuple(_tensor_dtype(o).name for o in outputs),
         target=options.target,
         quantized_dtype=options.quantized_dtype,
         dataset=options.dataset,
         optimization_level=options.optimization_level,
     )
+
+
+def _probe_output_shapes(
+    model: ModelSource, inputs: Sequence[Any], input_shapes: Sequence[tuple[int, ...]]
+) -> list[tuple[int, ...]]:
+    """Output shapes for static inputs, read off one onnxruntime run on zeros: the last resort
+    when neither the declared names nor ONNX shape inference tell them."""
+    import onnxruntime
+
+    source = model.path if model.path.exists() else model.proto.SerializeToString()
+    sess = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    feed = {i.name: np.zeros(s, _tensor_dtype(i)) for i, s in zip(inputs, input_shapes)}
+    return [tuple(o.shape) for o in sess.run(None, feed)]
 
 
 def blob_key(model: ModelSource, cache: Cache, spec: BuildSpec) -> str:
@@ -121,8 +144,45 @@ def compile_to_cache(
     )
 
 
+def bucket_specs(
+    model: ModelSource,
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+    options: RKNNOptions,
+    policy: ShapePolicy | None = None,
+) -> list[BuildSpec]:
+    """The blobs a session with these options compiles for every bucket (one multi-shape spec in
+    ``shape_mode=dynamic``); empty when some dim is compiled per observed size."""
+    policy = policy or make_policy(model, inputs, outputs, options)
+    signatures = policy.signatures()
+    if not signatures:
+        return []
+    names = [i.name for i in inputs]
+    specs = [
+        plan_spec(model, inputs, outputs, options, dict(zip(names, sig))) for sig in signatures
+    ]
+    if options.shape_mode == "dynamic" and len(specs) > 1:
+        return [replace(specs[-1], dynamic_input=tuple(signatures))]
+    return specs
+
+
+def make_policy(
+    model: ModelSource, inputs: Sequence[Any], outputs: Sequence[Any], options: RKNNOptions
+) -> ShapePolicy:
+    return ShapePolicy(
+        model,
+        inputs,
+        outputs,
+        sequence_buckets=options.buckets,
+        batch_buckets=options.batch_buckets,
+        pad_values=options.pad_values,
+        exact_dims=options.exact_dims,
+    )
+
+
 class RKNNEngine:
-    """Runs a whole model with static input shapes as one compiled blob."""
+    """Runs a model on RKNN: inputs padded to a bucket signature, one compiled blob (and one open
+    runner, at most ``max_live_shapes`` of them) per signature, outputs sliced back."""
 
     def __init__(
         self,
@@ -132,14 +192,56 @@ class RKNNEngine:
         options: RKNNOptions,
     ) -> None:
         self.options = options
+        for arg in [*inputs, *outputs]:
+            _tensor_dtype(arg)
         self.backend = choose_backend(options)
         self.cache = Cache(options.cache_dir)
         self._model = model
-        self.spec = plan_spec(model, inputs, outputs, options)
-        self.input_names = self.spec.input_names
-        self.output_names = self.spec.output_names
-        self.output_dtypes = tuple(np.dtype(d) for d in self.spec.output_dtypes)
-        self._runner = self._open(self.spec)
+        self._inputs = list(inputs)
+        self._outputs = list(outputs)
+        self.input_names = tuple(i.name for i in inputs)
+        self.output_names = tuple(o.name for o in outputs)
+        self.output_dtypes = tuple(_tensor_dtype(o) for o in outputs)
+        self.policy = make_policy(model, inputs, outputs, options)
+        #: Every signature a runner was opened for, in order (a compile or a cache load each).
+        self.opened: list[tuple[tuple[int, ...], ...]] = []
+        self._runners: OrderedDict[tuple[tuple[int, ...], ...], tuple[Runner, BuildSpec]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+        self._closed = False
+        # Open one signature now, so a model RKNN cannot build falls back when the session opens.
+        signatures = self.policy.signatures()
+        if options.shape_mode == "dynamic" and len(signatures) > 1:
+            spec = bucket_specs(model, inputs, outputs, options, self.policy)[0]
+            runner = self._open(spec)
+            for sig in signatures:
+                self._runners[sig] = (runner, self._spec_for(sig))
+            self.opened.append(spec.input_shapes)
+        elif signatures:
+            self._runner_for(signatures[0])
+
+    def _spec_for(self, signature: tuple[tuple[int, ...], ...]) -> BuildSpec:
+        shapes = dict(zip(self.input_names, signature)) if not self.policy.static else None
+        return plan_spec(self._model, self._inputs, self._outputs, self.options, shapes)
+
+    def _runner_for(self, signature: tuple[tuple[int, ...], ...]) -> tuple[Runner, BuildSpec]:
+        with self._lock:
+            if self._closed:
+                raise RunnerClosed("this session's RKNN engine is closed")
+            found = self._runners.get(signature)
+            if found is not None:
+                self._runners.move_to_end(signature)
+                return found
+            spec = self._spec_for(signature)
+            runner = self._open(spec)
+            self.opened.append(signature)
+            self._runners[signature] = (runner, spec)
+            while len(self._runners) > self.options.max_live_shapes:
+                _, (old, _) = self._runners.popitem(last=False)
+                log.info("closing the least recently used compiled shape of %s", spec.model_name)
+                old.close()
+            return runner, spec
 
     def _open(self, spec: BuildSpec) -> Runner:
         progress = self.options.progress
@@ -173,13 +275,41 @@ class RKNNEngine:
 
         return open_adb(entry.blob_path, spec, spec.target, self.options.device_id)
 
-    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Outputs in model order, in the dtypes the model declares."""
-        outs = self._runner.run([np.ascontiguousarray(a) for a in arrays])
-        return [_cast(o, dt) for o, dt in zip(outs, self.output_dtypes)]
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """Outputs in model order and declared dtypes; None when onnxruntime should run these
+        inputs instead (an empty dim; an oversize input with ``oversize=cpu``)."""
+        try:
+            plan = self.policy.plan(arrays)
+        except Oversize as e:
+            if self.options.oversize_to_cpu:
+                log.info("%s; running this call on the CPU", e)
+                return None
+            raise ort_error(InvalidArgument, str(e)) from None
+        if plan is None:
+            return None
+        for attempt in range(2):
+            runner, spec = self._runner_for(plan.signature)
+            try:
+                parts = []
+                for chunk in plan.chunks:
+                    padded = self.policy.pad(arrays, plan, chunk)
+                    outs = runner.run([np.ascontiguousarray(a) for a in padded], spec.output_shapes)
+                    parts.append(
+                        self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
+                    )
+                break
+            except RunnerClosed:
+                if attempt or self._closed:
+                    raise
+        return [_cast(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)]
 
     def close(self) -> None:
-        self._runner.close()
+        with self._lock:
+            self._closed = True
+            runners = {id(r): r for r, _ in self._runners.values()}
+            self._runners.clear()
+        for r in runners.values():
+            r.close()
 
 
 def _log_entry(entry: Entry, built: bool, spec: BuildSpec) -> None:

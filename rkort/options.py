@@ -42,6 +42,13 @@ KNOWN = {
     "fallback": "1 (default): fall back to the next provider when RKNN cannot run the model; 0: raise instead",
     "optimization_level": "rknn-toolkit2 optimization level 0-3 (default 3)",
     "progress": "1/0: force the compile progress bar on or off (default: on when stderr is a terminal)",
+    "buckets": "sequence-length buckets, e.g. 16,32,64,128 (default: powers of two from 16 up to the model's maximum length, at most 512)",
+    "batch_buckets": "batch-size buckets, e.g. 1,2,4,8 (the default); larger batches run in chunks",
+    "pad_values": "pad value per input, e.g. input_ids=1 (default 0; masks are always padded with 0)",
+    "exact_dims": "dynamic dims (by symbol, comma-separated) to compile per observed size instead of padding",
+    "oversize": "error (default): an input longer than the largest bucket is an error; cpu: run it on the CPU",
+    "shape_mode": "buckets (default): one blob per bucket shape; dynamic: one multi-shape blob holding every bucket",
+    "max_live_shapes": "compiled shapes kept open at once (default 4; the least recently used is closed)",
 }
 
 
@@ -71,6 +78,13 @@ class RKNNOptions:
     fallback: bool = True
     optimization_level: int = 3
     progress: bool | None = None
+    buckets: tuple[int, ...] | None = None
+    batch_buckets: tuple[int, ...] | None = None
+    pad_values: dict[str, float] = field(default_factory=dict)
+    exact_dims: tuple[str, ...] = ()
+    oversize_to_cpu: bool = False
+    shape_mode: str = "buckets"
+    max_live_shapes: int = 4
     raw: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -121,7 +135,43 @@ class RKNNOptions:
                 level = -1
             if level not in (0, 1, 2, 3):
                 raise _bad("optimization_level", raw["optimization_level"], "expected 0, 1, 2 or 3")
+        from .buckets import parse_buckets
+
+        pad_values: dict[str, float] = {}
+        for item in filter(None, raw.get("pad_values", "").replace(" ", "").split(",")):
+            name, sep, value = item.partition("=")
+            try:
+                pad_values[name] = float(value)
+            except ValueError:
+                raise _bad(
+                    "pad_values", raw["pad_values"], "expected name=number, e.g. input_ids=1"
+                ) from None
+            if not sep or not name:
+                raise _bad(
+                    "pad_values", raw["pad_values"], "expected name=number, e.g. input_ids=1"
+                )
+        oversize = raw.get("oversize", "error").strip().lower()
+        if oversize not in ("error", "cpu"):
+            raise _bad("oversize", raw["oversize"], "expected error or cpu")
+        shape_mode = raw.get("shape_mode", "buckets").strip().lower()
+        if shape_mode not in ("buckets", "dynamic"):
+            raise _bad("shape_mode", raw["shape_mode"], "expected buckets or dynamic")
+        try:
+            live = int(raw.get("max_live_shapes", "4"))
+        except ValueError:
+            live = 0
+        if live < 1:
+            raise _bad("max_live_shapes", raw["max_live_shapes"], "expected a positive integer")
         return cls(
+            buckets=parse_buckets(raw["buckets"], "buckets") if "buckets" in raw else None,
+            batch_buckets=parse_buckets(raw["batch_buckets"], "batch_buckets")
+            if "batch_buckets" in raw
+            else None,
+            pad_values=pad_values,
+            exact_dims=tuple(filter(None, raw.get("exact_dims", "").replace(" ", "").split(","))),
+            oversize_to_cpu=oversize == "cpu",
+            shape_mode=shape_mode,
+            max_live_shapes=live,
             target=target,
             quantized_dtype=quantized,
             dataset=dataset,

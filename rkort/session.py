@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as _ort
 
+from .compiler import CompileError
 from .engine import RKNNEngine, Unsupported
 from .errors import EPFail, ort_error
 from .feed import output_indices, prepare
@@ -115,8 +116,6 @@ class InferenceSession(_ort.InferenceSession):
         try:
             engine = RKNNEngine(self._source, self.get_inputs(), self.get_outputs(), options)
         except Exception as e:  # noqa: BLE001 - every RKNN failure means: the next provider runs it
-            from .compiler import CompileError
-
             if not isinstance(e, (Unsupported, CompileError, OSError)):
                 log.debug("RKNN setup failed unexpectedly", exc_info=True)
             reason = f"{type(e).__name__}: {e}"
@@ -159,8 +158,30 @@ class InferenceSession(_ort.InferenceSession):
             return self._sess.run(
                 output_names or list(engine.output_names), input_feed, run_options
             )
-        outs = engine.run(arrays)
+        try:
+            outs = engine.run(arrays)
+        except CompileError as e:
+            # A shape first seen now could not be compiled: the session stops using RKNN.
+            self._rknn_failed(e)
+            outs = None
+        if outs is None:
+            return self._sess.run(
+                output_names or list(engine.output_names), input_feed, run_options
+            )
         return _pick(outs, picks)
+
+    def _rknn_failed(self, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        if self._rknn is None or not self._rknn.options.fallback:
+            raise ort_error(EPFail, f"{PROVIDER} cannot run this model: {reason}") from error
+        log.warning(
+            "%s failed, the session now runs on %s: %s", PROVIDER, self.get_providers()[1:], reason
+        )
+        self._close_rknn()
+        self._providers = [p for p in self.get_providers() if p != PROVIDER]
+        self._provider_options = {
+            k: v for k, v in self.get_provider_options().items() if k != PROVIDER
+        }
 
     def _input_signature(self) -> tuple[list[np.dtype], list[list[Any]]]:
         from .feed import dtype_of

@@ -22,7 +22,7 @@ def infer_output_shapes(
                 d.Clear()
                 d.dim_value = int(size)
     for vi in m.graph.output:
-        vi.type.tensor_type.shape.Clear()
+        vi.type.tensor_type.ClearField("shape")
     del m.graph.value_info[:]
     inferred = shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
     out: dict[str, tuple[int, ...] | None] = {}

@@ -47,8 +47,13 @@ class Runner(abc.ABC):
     def _release(self) -> None:
         """Free the device context; called once, with the lock held."""
 
-    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Run the model; outputs reshaped to the spec's static output shapes."""
+    def run(
+        self,
+        inputs: Sequence[np.ndarray],
+        output_shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> list[np.ndarray]:
+        """Run the model; outputs reshaped to ``output_shapes``, by default the spec's (a
+        multi-shape blob gives the shapes of the input set being run)."""
         if len(inputs) != len(self.spec.input_names):
             raise ValueError(
                 f"{self.name} runner expects {len(self.spec.input_names)} inputs "
@@ -65,7 +70,9 @@ class Runner(abc.ABC):
             )
         return [
             _reshaped(np.asarray(o), shape, name, self.name)
-            for o, shape, name in zip(outputs, self.spec.output_shapes, self.spec.output_names)
+            for o, shape, name in zip(
+                outputs, output_shapes or self.spec.output_shapes, self.spec.output_names
+            )
         ]
 
     @property

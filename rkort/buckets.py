@@ -1,0 +1,340 @@
+"""Dynamic shapes on a static-shape NPU: which dynamic dims are padded up to a bucket, which are
+compiled exactly, and how a run's inputs are padded and its outputs sliced back.
+
+Per dynamic dimension (named by its symbol in the model, e.g. ``batch_size``):
+
+- *batch*: the symbol at axis 0 of an input. Rows are independent, so the batch is padded to a
+  batch bucket (and a batch larger than the largest bucket runs in chunks). Only when every output
+  carries the symbol: an output without it could mix rows.
+- *sequence*: the symbol at axis 1 of an attention-mask input. Positions past the mask do not
+  change the valid part of the result, so it is padded to a sequence bucket (ids with the pad id,
+  the mask and token type ids with 0, or the user's pad values).
+- *exact*: anything else (image height and width, ...). Compiled for the observed size.
+
+Outputs are sliced back along every axis whose symbol was padded; the symbols of output axes come
+from the model's declared output shapes, else from ONNX shape inference, never from sizes. If an
+output has a dynamic dim that cannot be traced to an input symbol, nothing is padded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import InvalidArgument, ort_error
+
+log = logging.getLogger("rkort")
+
+DEFAULT_SEQUENCE_BUCKETS = (16, 32, 64, 128, 256, 512)
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
+_MASK_NAMES = ("attention_mask", "input_mask", "mask")
+_ZERO_PAD_NAMES = (
+    "attention_mask",
+    "input_mask",
+    "mask",
+    "token_type_ids",
+    "segment_ids",
+    "position_ids",
+)
+
+Dim = Any  # int (fixed), str (a symbol) or None (unnamed dynamic)
+
+
+class Oversize(Exception):
+    """An input is longer than the largest bucket (the message names input, length and limit)."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How one run() maps onto compiled shapes: the static signature to run, the batch chunks,
+    and the actual size of every padded symbol."""
+
+    signature: tuple[tuple[int, ...], ...]
+    chunks: tuple[slice, ...]
+    actual: Mapping[str, int]
+
+
+class ShapePolicy:
+    """The shape rules of one model (see the module docstring). ``model`` has a ``proto``
+    attribute (read only for models with dynamic inputs)."""
+
+    def __init__(
+        self,
+        model: Any,
+        inputs: Sequence[Any],
+        outputs: Sequence[Any],
+        *,
+        sequence_buckets: Sequence[int] | None = None,
+        batch_buckets: Sequence[int] | None = None,
+        pad_values: Mapping[str, float] | None = None,
+        exact_dims: Sequence[str] = (),
+    ) -> None:
+        self.input_names = [i.name for i in inputs]
+        self.input_dims: list[list[Dim]] = [
+            [d if isinstance(d, int) else (d or f"{i.name}:{a}") for a, d in enumerate(i.shape)]
+            for i in inputs
+        ]
+        self.static = all(isinstance(d, int) for dims in self.input_dims for d in dims)
+        self.output_dims: list[list[Dim]] = [list(o.shape) for o in outputs]
+        self.kind: dict[str, str] = {}
+        self.buckets: dict[str, tuple[int, ...]] = {}
+        if self.static:
+            self.pad_values: list[float] = [0.0] * len(inputs)
+            return
+        symbols = [d for dims in self.input_dims for d in dims if isinstance(d, str)]
+        self._trace_output_symbols(model.proto, set(symbols))
+        batch = {dims[0] for dims in self.input_dims if dims and isinstance(dims[0], str)}
+        sequence = {
+            dims[1]
+            for name, dims in zip(self.input_names, self.input_dims)
+            if len(dims) == 2 and isinstance(dims[1], str) and _is_mask(name)
+        }
+        traceable = all(
+            isinstance(d, int) or d in symbols for dims in self.output_dims for d in dims
+        )
+        if not traceable:
+            log.info(
+                "outputs %s have dims not traced to an input; no dim is padded (shapes compile exactly)",
+                self.output_dims,
+            )
+        for s in dict.fromkeys(symbols):
+            if not traceable or s in exact_dims:
+                self.kind[s] = "exact"
+            elif s in batch and all(s in dims for dims in self.output_dims) and s not in sequence:
+                self.kind[s] = "batch"
+            elif s in sequence:
+                self.kind[s] = "sequence"
+            else:
+                self.kind[s] = "exact"
+        seq = tuple(sorted(set(sequence_buckets or _default_sequence_buckets(model.proto))))
+        bat = tuple(sorted(set(batch_buckets or DEFAULT_BATCH_BUCKETS)))
+        for s, k in self.kind.items():
+            if k == "sequence":
+                self.buckets[s] = seq
+            elif k == "batch":
+                self.buckets[s] = bat
+        given = dict(pad_values or {})
+        unknown = set(given) - set(self.input_names)
+        if unknown:
+            raise ort_error(
+                InvalidArgument,
+                f"pad_values names {sorted(unknown)}, which are not inputs {self.input_names}",
+            )
+        self.pad_values = [given.get(n, 0.0) for n in self.input_names]
+
+    def _trace_output_symbols(self, model: onnx.ModelProto, symbols: set[str]) -> None:
+        """Fill unnamed or unknown output dims from ONNX shape inference on the symbolic model."""
+        if all(isinstance(d, int) or d in symbols for dims in self.output_dims for d in dims):
+            return
+        try:
+            inferred = _symbolic_output_dims(model)
+        except Exception:  # noqa: BLE001 - inference is best effort; untraced dims disable padding
+            log.debug("symbolic shape inference failed", exc_info=True)
+            return
+        for i, dims in enumerate(self.output_dims):
+            better = inferred[i] if i < len(inferred) else None
+            if better is None or len(better) != len(dims):
+                continue
+            self.output_dims[i] = [
+                b if (not isinstance(d, int) and d not in symbols and b is not None) else d
+                for d, b in zip(dims, better)
+            ]
+
+    @property
+    def padded_symbols(self) -> list[str]:
+        return [s for s, k in self.kind.items() if k in ("batch", "sequence")]
+
+    @property
+    def exact(self) -> bool:
+        """True when some dim is compiled per observed size (no bucket list covers it)."""
+        return any(k == "exact" for k in self.kind.values())
+
+    def signatures(self) -> list[tuple[tuple[int, ...], ...]]:
+        """Every bucket signature (for warm-up and multi-shape blobs); empty if a dim is exact."""
+        if self.static:
+            return [tuple(tuple(d) for d in self.input_dims)]  # type: ignore[arg-type]
+        if self.exact:
+            return []
+        symbols = self.padded_symbols
+        combos: list[dict[str, int]] = [{}]
+        for s in symbols:
+            combos = [{**c, s: b} for c in combos for b in self.buckets[s]]
+        return [self._signature(c) for c in combos]
+
+    def _signature(self, sizes: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
+        return tuple(
+            tuple(d if isinstance(d, int) else sizes[d] for d in dims) for dims in self.input_dims
+        )
+
+    def plan(self, arrays: Sequence[np.ndarray]) -> RunPlan | None:
+        """The plan for these (validated) inputs; None when onnxruntime should run them (an
+        empty dim, or sizes that disagree for one symbol)."""
+        if self.static:
+            return RunPlan(tuple(a.shape for a in arrays), (slice(None),), {})
+        actual: dict[str, int] = {}
+        for dims, a in zip(self.input_dims, arrays):
+            for axis, d in enumerate(dims):
+                if isinstance(d, str):
+                    if actual.setdefault(d, a.shape[axis]) != a.shape[axis]:
+                        return None
+        if any(v == 0 for v in actual.values()):
+            return None
+        chunk = None
+        sizes: dict[str, int] = {}
+        for s, n in actual.items():
+            kind = self.kind[s]
+            if kind == "exact":
+                sizes[s] = n
+                continue
+            buckets = self.buckets[s]
+            if kind == "batch" and n > buckets[-1]:
+                chunk = (s, buckets[-1])
+                sizes[s] = buckets[-1]
+                continue
+            fit = next((b for b in buckets if b >= n), None)
+            if fit is None:
+                name, axis = self._where(s)
+                raise Oversize(
+                    f"input '{name}' has {s}={n} at axis {axis}, more than the largest bucket "
+                    f"({buckets[-1]}) of the RKNNExecutionProvider; set larger 'buckets' in its "
+                    "provider options (or 'oversize': 'cpu' to run such inputs on the CPU)"
+                )
+            sizes[s] = fit
+        chunks: tuple[slice, ...] = (slice(None),)
+        if chunk is not None:
+            s, size = chunk
+            chunks = tuple(slice(i, min(i + size, actual[s])) for i in range(0, actual[s], size))
+        return RunPlan(self._signature(sizes), chunks, actual)
+
+    def _where(self, symbol: str) -> tuple[str, int]:
+        for name, dims in zip(self.input_names, self.input_dims):
+            if symbol in dims:
+                return name, dims.index(symbol)
+        return "?", -1
+
+    def batch_symbol(self) -> str | None:
+        return next((s for s, k in self.kind.items() if k == "batch"), None)
+
+    def pad(self, arrays: Sequence[np.ndarray], plan: RunPlan, chunk: slice) -> list[np.ndarray]:
+        """Inputs cut to one batch chunk and padded to the plan's signature."""
+        batch = self.batch_symbol()
+        out = []
+        for a, dims, target, value in zip(arrays, self.input_dims, plan.signature, self.pad_values):
+            if batch is not None and chunk != slice(None) and batch in dims:
+                index = [slice(None)] * a.ndim
+                index[dims.index(batch)] = chunk
+                a = a[tuple(index)]
+            widths = [(0, t - n) for n, t in zip(a.shape, target)]
+            if any(w for _, w in widths):
+                a = np.pad(
+                    a, widths, mode="constant", constant_values=np.asarray(value).astype(a.dtype)
+                )
+            out.append(a)
+        return out
+
+    def slice_outputs(
+        self, outputs: Sequence[np.ndarray], sizes: Mapping[str, int]
+    ) -> list[np.ndarray]:
+        """Outputs cut back along every padded symbol to the sizes in ``sizes``."""
+        result = []
+        for o, dims in zip(outputs, self.output_dims):
+            index = tuple(
+                slice(0, sizes[d]) if isinstance(d, str) and d in sizes else slice(None)
+                for d in dims
+            )
+            result.append(
+                np.ascontiguousarray(o[index])
+                if index and any(s != slice(None) for s in index)
+                else o
+            )
+        return result
+
+    def chunk_sizes(self, plan: RunPlan, chunk: slice) -> dict[str, int]:
+        """The actual size of each padded symbol within one chunk."""
+        batch = self.batch_symbol()
+        sizes = {s: v for s, v in plan.actual.items() if self.kind.get(s) != "exact"}
+        if batch is not None and chunk != slice(None):
+            sizes[batch] = chunk.stop - chunk.start
+        return sizes
+
+    def concat(self, parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Outputs of several batch chunks joined along each output's batch axis."""
+        if len(parts) == 1:
+            return parts[0]
+        batch = self.batch_symbol()
+        joined = []
+        for k, dims in enumerate(self.output_dims):
+            axis = dims.index(batch)
+            joined.append(np.concatenate([p[k] for p in parts], axis=axis))
+        return joined
+
+
+def parse_buckets(text: str, what: str) -> tuple[int, ...]:
+    """ "16,32,64" -> (16, 32, 64); raises InvalidArgument naming the option."""
+    try:
+        values = tuple(sorted({int(v) for v in text.replace(" ", "").split(",") if v}))
+    except ValueError:
+        values = ()
+    if not values or values[0] < 1:
+        raise ort_error(
+            InvalidArgument,
+            f"RKNNExecutionProvider option {what}={text!r} is invalid: expected positive integers, e.g. 16,32,64",
+        )
+    return values
+
+
+def _is_mask(name: str) -> bool:
+    low = name.lower()
+    return any(m == low or low.endswith(m) for m in _MASK_NAMES)
+
+
+def _default_sequence_buckets(model: onnx.ModelProto) -> tuple[int, ...]:
+    """Powers of two from 16 up to the model's maximum length (its position-embedding table)."""
+    limit = _max_positions(model) or DEFAULT_SEQUENCE_BUCKETS[-1]
+    buckets = [b for b in DEFAULT_SEQUENCE_BUCKETS if b <= limit] or [limit]
+    if limit < DEFAULT_SEQUENCE_BUCKETS[-1] and limit - buckets[-1] > 2:
+        buckets.append(limit)
+    return tuple(buckets)
+
+
+def _max_positions(model: onnx.ModelProto) -> int | None:
+    for t in model.graph.initializer:
+        if "position_embedding" in t.name.lower() and len(t.dims) == 2:
+            return int(t.dims[0])
+    return None
+
+
+def _symbolic_output_dims(model: onnx.ModelProto) -> list[list[Dim] | None]:
+    from .shapes import _copy_without_weights
+
+    inferred = onnx.shape_inference.infer_shapes(_copy_without_weights(model), strict_mode=False)
+    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    result: list[list[Dim] | None] = []
+    for out in model.graph.output:
+        vi = known.get(out.name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            result.append(None)
+            continue
+        dims: list[Dim] = []
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and not d.dim_param.startswith("unk__"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        result.append(dims)
+    return result
+
+
+def waste(lengths: Sequence[int], buckets: Sequence[int]) -> float:
+    """Tokens computed / tokens needed when each length is padded to its bucket."""
+    needed = sum(lengths)
+    computed = sum(next((b for b in sorted(buckets) if b >= n), math.inf) for n in lengths)
+    return float(computed / needed) if needed else 1.0
