@@ -275,7 +275,9 @@ class RKNNEngine:
 
         return open_adb(entry.blob_path, spec, spec.target, self.options.device_id)
 
-    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    def run(
+        self, arrays: Sequence[np.ndarray], profile: dict[str, Any] | None = None
+    ) -> list[np.ndarray] | None:
         """Outputs in model order and declared dtypes; None when onnxruntime should run these
         inputs instead (an empty dim; an oversize input with ``oversize=cpu``)."""
         try:
@@ -287,6 +289,10 @@ class RKNNEngine:
             raise ort_error(InvalidArgument, str(e)) from None
         if plan is None:
             return None
+        if profile is not None:
+            profile["signature"] = [list(s) for s in plan.signature]
+            profile["chunks"] = len(plan.chunks)
+            profile["backend"] = self.backend
         for attempt in range(2):
             runner, spec = self._runner_for(plan.signature)
             try:

@@ -22,6 +22,7 @@ from .errors import EPFail, ort_error
 from .feed import output_indices, prepare
 from .model import ModelSource
 from .options import ALIASES, PROVIDER, RKNNOptions
+from .profiling import Profiler
 
 log = logging.getLogger("rkort")
 
@@ -95,6 +96,7 @@ class InferenceSession(_ort.InferenceSession):
         **kwargs: Any,
     ) -> None:
         self._rknn = None
+        self._profiler: Profiler | None = None
         self._rknn_options: dict[str, str] = {}
         self._source: ModelSource | None = None
         super().__init__(path_or_bytes, sess_options, providers, provider_options, **kwargs)
@@ -130,6 +132,8 @@ class InferenceSession(_ort.InferenceSession):
             return
         self._rknn = engine
         self._rknn_options = dict(options.raw)
+        if self.get_session_options().enable_profiling:
+            self._profiler = Profiler(self.get_profiling_start_time_ns())
         self._providers = [PROVIDER, *self.get_providers()]
         self._provider_options = {PROVIDER: dict(options.raw), **self.get_provider_options()}
 
@@ -159,7 +163,11 @@ class InferenceSession(_ort.InferenceSession):
                 output_names or list(engine.output_names), input_feed, run_options
             )
         try:
-            outs = engine.run(arrays)
+            if self._profiler is None:
+                outs = engine.run(arrays)
+            else:
+                with self._profiler.event(f"{PROVIDER}_run", provider=PROVIDER) as args:
+                    outs = engine.run(arrays, args)
         except CompileError as e:
             # A shape first seen now could not be compiled: the session stops using RKNN.
             self._rknn_failed(e)
@@ -182,6 +190,13 @@ class InferenceSession(_ort.InferenceSession):
         self._provider_options = {
             k: v for k, v in self.get_provider_options().items() if k != PROVIDER
         }
+
+    def end_profiling(self) -> str:
+        """End profiling; the trace file also holds one event per run on RKNN."""
+        path = super().end_profiling()
+        if self._profiler is not None:
+            self._profiler.merge_into(path)
+        return path
 
     def _input_signature(self) -> tuple[list[np.dtype], list[list[Any]]]:
         from .feed import dtype_of

@@ -206,5 +206,10 @@ def test_profiling_writes_onnxruntime_trace(mlp, cache_dir, tmp_path) -> None:  
     s = rkort.InferenceSession(mlp.path, so, providers=[RKNN])
     s.run(None, _feed(mlp))
     assert s.get_profiling_start_time_ns() > 0
+    s.run(None, _feed(mlp))
     path = s.end_profiling()
-    assert path and json.loads(Path(path).read_text())
+    events = json.loads(Path(path).read_text())
+    ours = [e for e in events if e["name"] == f"{RKNN}_run"]
+    assert len(ours) == 2 and all(e["ph"] == "X" and e["dur"] >= 0 and e["ts"] >= 0 for e in ours)
+    assert ours[0]["args"]["backend"] in ("simulator", "board", "adb")
+    assert any(e["name"] == "session_initialization" for e in events)  # onnxruntime's own
