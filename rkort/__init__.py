@@ -15,6 +15,7 @@ import onnxruntime as _ort
 globals().update({k: v for k, v in vars(_ort).items() if not k.startswith("_") and k != "capi"})
 
 from . import capi  # noqa: E402,F401
+from .integrations.install import install  # noqa: E402,F401
 from .options import PROVIDER as _PROVIDER  # noqa: E402
 from .session import InferenceSession, IOBinding  # noqa: E402,F401
 

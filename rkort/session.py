@@ -20,6 +20,7 @@ from .compiler import CompileError
 from .engine import RKNNEngine, Unsupported
 from .errors import EPFail, ort_error
 from .feed import output_indices, prepare
+from .integrations.defaults import effective_providers
 from .model import ModelSource
 from .options import ALIASES, PROVIDER, RKNNOptions
 from .profiling import Profiler
@@ -104,6 +105,12 @@ class InferenceSession(_ort.InferenceSession):
     # onnxruntime's __init__ and set_providers() both come through here.
     def _create_inference_session(self, providers, provider_options, disabled_optimizers=None):  # type: ignore[no-untyped-def]
         self._close_rknn()
+        providers, provider_options = effective_providers(
+            providers,
+            provider_options,
+            model_path=self._model_path,
+            sess_options=self._sess_options,
+        )
         rknn_options, rest, rest_options = split_providers(providers, provider_options)
         options = RKNNOptions.parse(rknn_options) if rknn_options is not None else None
         super()._create_inference_session(rest, rest_options, disabled_optimizers)

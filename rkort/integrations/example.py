@@ -1,0 +1,95 @@
+"""``python -m rkort.integrations.example DIR``: a model to try the integrations on, built here.
+
+Writes into DIR, with nothing downloaded:
+
+- ``DIR/hf``: a 2-layer BERT text classifier (random weights) and its tokenizer, saved with
+  ``save_pretrained`` (a vocabulary written here);
+- ``DIR/onnx``: that model exported by optimum (dynamic batch and sequence axes), with its
+  tokenizer, ready for ``ORTModelForSequenceClassification.from_pretrained``;
+- ``DIR/app.py``: an onnxruntime program written without rkort in mind, for ``rkort run``.
+
+Needs the ``hf`` extra (transformers, optimum, torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+_WORDS = (
+    "the a cat dog sat on mat ran fast slow red blue big small happy sad and is was very "
+    "who where what when did go home park tree house river boat sun rain snow day night"
+).split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS]
+
+APP = '''\
+"""Classifies a sentence with onnxruntime, as onnxruntime's own examples do."""
+
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+ids = np.array([[2, 5, 7, 9, 10, 5, 11, 3]], dtype=np.int64)  # [CLS] the cat sat on the mat [SEP]
+feed = {
+    "input_ids": ids,
+    "attention_mask": np.ones_like(ids),
+    "token_type_ids": np.zeros_like(ids),
+}
+feed = {i.name: feed[i.name] for i in sess.get_inputs()}
+logits = sess.run(None, feed)[0]
+print("providers:", sess.get_providers())
+print("logits:", logits.round(4))
+'''
+
+
+def build(directory: Path, seed: int = 0) -> Path:
+    """Build the classifier, export it and write the app into ``directory``; returns it."""
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    hf = directory / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    (hf / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), model_max_length=128).save_pretrained(hf)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer chatter
+        main_export(str(hf), output=str(directory / "onnx"), task="text-classification")
+    (directory / "app.py").write_text(APP)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args()
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    out = build(args.directory)
+    print(f"transformers model: {out / 'hf'}")
+    print(f"optimum ONNX export: {out / 'onnx'}")
+    print(f"onnxruntime app: {out / 'app.py'}  (run: rkort run -- python {out / 'app.py'} {out / 'onnx' / 'model.onnx'})")
+
+
+if __name__ == "__main__":
+    main()
