@@ -50,6 +50,9 @@ _ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n|(?=\x1b\[1;3\dm[EWID]\x1b\[0m )")
 _PROGRESS_LINE = re.compile(r"\d+%\|.*\|")
 _KEEP_LINES = 400
+# The pid of the process that started the worker: the child cannot learn it from getppid() alone,
+# since the parent may already be gone (and the child re-parented) by the time it looks.
+_PARENT_ENV = "RKORT_WORKER_PARENT"
 
 
 class WorkerDied(RuntimeError):
@@ -79,6 +82,7 @@ def build_request(
         "quantized_dtype": spec.quantized_dtype,
         "dataset": dataset_samples(spec.dataset) if spec.quantized_dtype and spec.dataset else None,
         "optimization_level": spec.optimization_level,
+        "dynamic_input": [[list(shape) for shape in group] for group in spec.dynamic_input],
         "export": _BLOB_NAME if export else None,
         "runtime": runtime,
     }
@@ -113,7 +117,7 @@ class WorkerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "rkort._worker", mode, str(child_sock.fileno())],
                 cwd=self.workdir,
-                env=_child_env(),
+                env=_child_env(self.workdir),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -262,9 +266,15 @@ def _stage_count(mode: str, request: dict[str, Any]) -> int:
     return 3 + bool(request.get("export")) + (mode == "serve")
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # The toolkit leaves a temporary directory behind on every build (check.onnx and check.rknn,
+    # as large as the blob): inside the workdir it goes when the workdir goes.
+    scratch = workdir / "tmp"
+    scratch.mkdir(mode=0o700, exist_ok=True)
+    env["TMPDIR"] = str(scratch)
+    env[_PARENT_ENV] = str(os.getpid())
     # The child must import this very rkort whatever its working directory (a source checkout on
     # sys.path only through the parent's cwd, say). An installed rkort needs nothing, and putting
     # site-packages on PYTHONPATH would rank it above the standard library.
@@ -489,6 +499,15 @@ class _Child:
 def _child_main(mode: str, fd: int) -> int:
     conn = Connection(fd)
     _exit_with_parent()
+    try:
+        return _work(conn, mode)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # The parent is gone (killed, say): nobody will read what we made, or remove it.
+        _remove_own_workdir()
+        return 0
+
+
+def _work(conn: Connection, mode: str) -> int:
     request = conn.recv()
     child = _Child(conn)
     try:
@@ -546,6 +565,8 @@ def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> dict[str, Any]:
     }
     if request["quantized_dtype"]:
         config["quantized_dtype"] = request["quantized_dtype"]
+    if request.get("dynamic_input"):
+        config["dynamic_input"] = request["dynamic_input"]
     child.check("config()", rknn.config, **config)
     child.enter("loading")
     child.check(
@@ -614,7 +635,13 @@ def _serve(conn: Connection, rknn: Any, input_shapes: list[list[int]]) -> None:
 
 def _exit_with_parent() -> None:
     """End this worker when the process that started it is gone (it runs in its own session)."""
-    parent = os.getppid()
+    try:
+        parent = int(os.environ[_PARENT_ENV])
+    except (KeyError, ValueError):
+        parent = os.getppid()
+    if os.getppid() != parent:  # gone before we started watching
+        _remove_own_workdir()
+        os._exit(0)
 
     def watch() -> None:
         while True:
@@ -638,11 +665,22 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m rkort._worker {compile|serve} FD", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    code = _child_main(argv[0], int(argv[1]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter teardown: the toolkit's native threads and atexit hooks can hang or crash.
-    os._exit(code)
+    code = 1
+    try:
+        code = _child_main(argv[0], int(argv[1]))
+    except BaseException:  # noqa: BLE001 - printed for the parent's log; the exit code says it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:
+            pass
+        # Skip interpreter teardown: the toolkit's native threads and atexit hooks can hang or
+        # crash.
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ then found by every later session, in any process. One :class:`Cache` is one dir
 Entries appear only by an atomic rename of a complete, fsynced directory, and every blob is checked
 against its recorded sha256 and size before :meth:`Cache.get` returns it. Nothing in the cache is
 ever unpickled or executed: metadata is JSON.
+
+When the directory cannot take a blob (read-only, full, not a directory), builds still succeed:
+the blob goes to a private temporary directory (an *ephemeral* entry) with one warning.
 """
 
 from __future__ import annotations
@@ -37,7 +40,16 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import filelock
 import platformdirs
 
-__all__ = ["FORMAT_VERSION", "Cache", "CacheError", "Entry", "default_cache_dir", "make_key"]
+__all__ = [
+    "FORMAT_VERSION",
+    "IDENTITY_FIELDS",
+    "BlobNotWritten",
+    "Cache",
+    "CacheError",
+    "Entry",
+    "default_cache_dir",
+    "make_key",
+]
 
 #: Version of the on-disk layout and metadata; part of every key, so a bump orphans old entries.
 FORMAT_VERSION: int = 1
@@ -50,6 +62,11 @@ _BLOB = "model.rknn"
 _META = "meta.json"
 _LAST_USED = "last_used"
 _RESERVED_META = frozenset({"key", "format", "sha256", "size", "created"})
+#: Metadata fields that say what a blob is for. The key is derived from the same facts, so an
+#: entry whose stored value differs from the one the caller passes to get_or_build was not written
+#: by this build under this key (copied from elsewhere, edited, or written by another tool): it is
+#: removed and rebuilt rather than loaded.
+IDENTITY_FIELDS = ("toolkit", "target", "dtype", "inputs")
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 _MAX_META_BYTES = 1 << 20
@@ -68,6 +85,24 @@ _warned_roots: dict[str, object] = {}
 
 class CacheError(Exception):
     """The cache cannot be used safely: an unsafe root, or a build that broke its contract."""
+
+
+class BlobNotWritten(OSError):
+    """Raised by a build that made its blob but could not write it where the cache asked.
+
+    The disk under the cache is full or read-only, say. ``blob`` is where the finished blob is
+    instead: a file alone in a private directory, which the cache then owns. The cache keeps it
+    as an ephemeral entry instead of building again.
+    """
+
+    def __init__(
+        self, errno_: Optional[int], strerror: str, blob: StrPath, dest: Optional[StrPath] = None
+    ) -> None:
+        if dest is None:
+            super().__init__(errno_, strerror)
+        else:
+            super().__init__(errno_, strerror, os.fspath(dest))
+        self.blob = Path(blob)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,18 +221,20 @@ class Cache:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def get(self, key: str) -> Optional[Entry]:
+    def get(self, key: str, expect: Optional[Mapping[str, Any]] = None) -> Optional[Entry]:
         """The entry for ``key`` after checking its blob's sha256 and size, or None.
 
         A corrupt entry is removed and an unsafe one (symlink, foreign owner, outside the root)
-        moved to ``quarantine/``, each with a warning; both count as absent.
+        moved to ``quarantine/``, each with a warning; both count as absent. With ``expect``, an
+        entry whose metadata differs from it on any of its fields counts as corrupt too.
         """
         _check_key(key)
+        expected = _canonical(expect or {})
         if not self._root_exists():
             return None
-        entry, problem = self._inspect(key, verify=True)
+        entry, problem = self._inspect(key, verify=True, expect=expected)
         if problem is not None:
-            entry = self._repair(key, problem)
+            entry = self._repair(key, problem, expected)
         if entry is None:
             return None
         return self._touch(entry)
@@ -234,11 +271,16 @@ class Cache:
         runs at most once per key across processes sharing the cache. If it raises, nothing is
         left behind and the exception propagates unchanged. If the cache directory cannot be
         written, the blob is built in a private temporary directory and returned as an
-        ephemeral entry, with one warning per cache root and process.
+        ephemeral entry, with one warning per cache root and process; so is a blob whose build
+        raised :class:`BlobNotWritten`.
+
+        An existing entry whose metadata disagrees with ``meta`` on an :data:`IDENTITY_FIELDS`
+        field is removed with a warning and built again.
         """
         _check_key(key)
         base_meta = _checked_meta(meta, "meta")
-        entry = self.get(key)
+        expect = {f: base_meta[f] for f in IDENTITY_FIELDS if f in base_meta}
+        entry = self.get(key, expect)
         if entry is not None:
             return entry, False
         try:
@@ -248,10 +290,12 @@ class Cache:
         except OSError as exc:
             return self._build_ephemeral(key, build, base_meta, exc), True
         try:
-            entry = self.get(key)
+            entry = self.get(key, expect)
             if entry is not None:
                 return entry, False
-            self._clean_tmp(_STALE_TMP_AGE_S)
+            # Holding the key's lock proves no build of this key is running: whatever it left
+            # in tmp/ is from a killed one, however young.
+            self._clean_tmp(_STALE_TMP_AGE_S, holding=key)
             try:
                 tmp_dir = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.root / "tmp"))
             except OSError as exc:
@@ -271,7 +315,11 @@ class Cache:
         base_meta: dict[str, Any],
     ) -> Entry:
         blob = tmp_dir / _BLOB
-        extra = build(blob)
+        try:
+            extra = build(blob)
+        except BlobNotWritten as exc:
+            self._warn_unusable(exc)
+            return _adopt_ephemeral(key, base_meta, exc.blob)
         full_meta = {**base_meta, **_checked_meta(extra or {}, "the metadata build returned")}
         _check_built(blob)
         try:
@@ -296,7 +344,16 @@ class Cache:
         _write_new(tmp_dir / _LAST_USED, b"")
         _fsync_dir(tmp_dir)
         entry_dir = self._entry_dir(key)
-        os.makedirs(entry_dir.parent, mode=0o700, exist_ok=True)
+        shard = entry_dir.parent
+        if os.path.islink(shard):
+            # Never write an entry through a link: it would land outside the cache.
+            self._ensure_dirs("quarantine")
+            os.rename(shard, self.root / "quarantine" / f"{shard.name}.{time.time_ns()}")
+            logger.warning(
+                "cache directory %s is a symlink; moved to quarantine, a real one replaces it",
+                shard,
+            )
+        os.makedirs(shard, mode=0o700, exist_ok=True)
         os.rename(tmp_dir, entry_dir)
         try:
             _fsync_dir(entry_dir.parent)
@@ -319,7 +376,10 @@ class Cache:
             _check_built(blob)
             return extra
 
-        return _ephemeral_entry(key, base_meta, run)
+        try:
+            return _ephemeral_entry(key, base_meta, run)
+        except BlobNotWritten as exc:
+            return _adopt_ephemeral(key, base_meta, exc.blob)
 
     def _warn_unusable(self, cause: OSError) -> None:
         # setdefault is atomic: one warning even when threads fail at once, and no lock to hold.
@@ -417,7 +477,12 @@ class Cache:
         if not self._root_exists():  # e.g. a file in its place
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.root))
         for sub in subdirs:
-            os.makedirs(self.root / sub, mode=0o700, exist_ok=True)
+            path = self.root / sub
+            if os.path.islink(path):
+                raise OSError(
+                    errno.ELOOP, "a symlink where the cache keeps its own directory", str(path)
+                )
+            os.makedirs(path, mode=0o700, exist_ok=True)
 
     def _layout(self) -> Path:
         return self.root / f"v{FORMAT_VERSION}"
@@ -448,7 +513,9 @@ class Cache:
                 if _KEY_RE.fullmatch(name) and name[:2] == shard:
                     yield name
 
-    def _inspect(self, key: str, verify: bool) -> tuple[Optional[Entry], Optional[_Problem]]:
+    def _inspect(
+        self, key: str, verify: bool, expect: Optional[Mapping[str, Any]] = None
+    ) -> tuple[Optional[Entry], Optional[_Problem]]:
         entry_dir = self._entry_dir(key)
         try:
             st = os.lstat(entry_dir)
@@ -468,6 +535,11 @@ class Cache:
         if isinstance(meta_or_problem, _Problem):
             return None, meta_or_problem
         meta = meta_or_problem
+        for field, wanted in (expect or {}).items():
+            if meta.get(field) != wanted:
+                return None, _Problem(
+                    False, f"meta.json has {field} {meta.get(field)!r}, this build needs {wanted!r}"
+                )
 
         try:
             fd = os.open(entry_dir / _BLOB, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
@@ -512,7 +584,9 @@ class Cache:
         )
         return entry, None
 
-    def _repair(self, key: str, problem: _Problem) -> Optional[Entry]:
+    def _repair(
+        self, key: str, problem: _Problem, expect: Optional[Mapping[str, Any]] = None
+    ) -> Optional[Entry]:
         """Under the key's lock, look again: set a still-bad entry aside, or return a good one."""
         try:
             lock = self._lock(key)
@@ -527,7 +601,7 @@ class Cache:
             )
             return None
         try:
-            entry, again = self._inspect(key, verify=True)
+            entry, again = self._inspect(key, verify=True, expect=expect)
             if again is None:
                 return entry  # another process replaced it meanwhile
             action = "moved to quarantine" if again.unsafe else "removed; it will be rebuilt"
@@ -578,8 +652,9 @@ class Cache:
             os.close(fd)
         return dataclasses.replace(entry, last_used=time.time())
 
-    def _clean_tmp(self, min_age: float) -> None:
-        """Delete leftovers of killed builds: old enough, and their key's lock is free."""
+    def _clean_tmp(self, min_age: float, holding: Optional[str] = None) -> None:
+        """Delete leftovers of killed builds: old enough (any age for ``holding``, the key whose
+        lock the caller holds), and their key's lock is free."""
         now = time.time()
         for sub in ("tmp", "hashes"):
             parent = self.root / sub
@@ -587,12 +662,12 @@ class Cache:
                 path = parent / name
                 if sub == "hashes" and not name.startswith(".tmp-"):
                     continue
+                key = name.split(".", 1)[0]
                 try:
-                    if now - os.lstat(path).st_mtime < min_age:
+                    if key != holding and now - os.lstat(path).st_mtime < min_age:
                         continue
                 except OSError:
                     continue
-                key = name.split(".", 1)[0]
                 if sub == "tmp" and _KEY_RE.fullmatch(key):
                     lock = self._lock(key)
                     try:
@@ -624,6 +699,11 @@ def _checked_meta(meta: Mapping[str, Any], what: str) -> dict[str, Any]:
     as_dict = dict(meta)
     _dump_meta(as_dict)  # fail before an expensive build, not after
     return as_dict
+
+
+def _canonical(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` as they read back from meta.json (tuples become lists, and so on)."""
+    return dict(json.loads(json.dumps(dict(values), allow_nan=False)))
 
 
 def _dump_meta(meta: Mapping[str, Any]) -> bytes:
@@ -734,9 +814,12 @@ def _ephemeral_entry(
     key: str,
     base_meta: dict[str, Any],
     produce: Callable[[Path], Optional[Mapping[str, Any]]],
+    tmp_dir: Optional[Path] = None,
 ) -> Entry:
-    """Run ``produce(blob_path)`` in a new private temporary directory and describe the result."""
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"rkort-{key[:12]}-"))
+    """Run ``produce(blob_path)`` in a new private temporary directory (or ``tmp_dir``, which is
+    then owned) and describe the result."""
+    if tmp_dir is None:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"rkort-{key[:12]}-"))
     try:
         blob = tmp_dir / _BLOB
         extra = produce(blob)
@@ -751,6 +834,14 @@ def _ephemeral_entry(
         _remove_tree(tmp_dir)
         raise
     return Entry(key, tmp_dir, blob, full_meta, size, created, created, ephemeral=True)
+
+
+def _adopt_ephemeral(key: str, base_meta: dict[str, Any], blob: Path) -> Entry:
+    """An ephemeral entry for a finished blob a build left alone in a private directory."""
+    blob = Path(blob)
+    if blob.name != _BLOB:
+        blob = blob.rename(blob.parent / _BLOB)
+    return _ephemeral_entry(key, base_meta, lambda dest: None, blob.parent)
 
 
 def _write_new(path: Path, data: bytes) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class BuildSpec:
     quantized_dtype: str | None = None
     dataset: str | None = None
     optimization_level: int = 3
+    #: Extra static input-shape sets compiled into the same blob (the toolkit's ``dynamic_input``);
+    #: empty for a single-shape blob. ``input_shapes`` is always one of them.
+    dynamic_input: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     def __post_init__(self) -> None:
         # Normalize list forms so the spec hashes and compares by value.
@@ -82,6 +86,14 @@ class BuildSpec:
             object.__setattr__(
                 self, name, tuple(tuple(int(d) for d in s) for s in getattr(self, name))
             )
+        object.__setattr__(
+            self,
+            "dynamic_input",
+            tuple(
+                tuple(tuple(int(d) for d in shape) for shape in group)
+                for group in self.dynamic_input
+            ),
+        )
         object.__setattr__(self, "target", self.target.lower())
         if not (len(self.input_names) == len(self.input_shapes) == len(self.input_dtypes)):
             raise ValueError(
@@ -133,6 +145,7 @@ class BuildSpec:
             "quantized_dtype": self.quantized_dtype,
             "dataset": _dataset_digest(self.dataset) if self.quantized_dtype else None,
             "optimization_level": self.optimization_level,
+            "dynamic_input": [[list(shape) for shape in group] for group in self.dynamic_input],
         }
 
 
@@ -180,20 +193,59 @@ def compile_blob(
 
 
 def place_file(src: Path, dest: Path) -> None:
-    """Move ``src`` to ``dest`` so that ``dest`` is either absent or complete, across filesystems."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Move ``src`` to ``dest`` so that ``dest`` is either absent or complete, across filesystems.
+
+    If ``dest`` cannot be written (a full or read-only disk), the blob is moved into a private
+    temporary directory instead and :class:`rkort.cache.BlobNotWritten` names it, so that the
+    cache can keep it rather than compile it again.
+    """
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    blob = src  # where the complete blob is now
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.unlink(tmp)
+            # Same filesystem: one rename, no copy and no extra space.
+            os.rename(src, tmp)
+            blob = tmp
         except OSError:
-            pass
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if blob != tmp:
+            _unlink(tmp)  # a partial copy
+        raise _rescue(blob, dest, exc) from exc
+    except BaseException:
+        _unlink(tmp)
         raise
+    if blob == src:
+        _unlink(src)
+
+
+def _rescue(blob: Path, dest: Path, exc: OSError) -> OSError:
+    """``blob`` moved into a private directory, as a BlobNotWritten; ``exc`` if it cannot be."""
+    from .cache import BlobNotWritten
+
+    if not os.path.isfile(blob):
+        return exc
     try:
-        os.unlink(src)
+        keep = Path(tempfile.mkdtemp(prefix="rkort-blob-")) / dest.name
+    except OSError:
+        return exc
+    try:
+        try:
+            os.rename(blob, keep)
+        except OSError:
+            shutil.copyfile(blob, keep)
+            _unlink(blob)
+    except OSError:
+        shutil.rmtree(keep.parent, ignore_errors=True)
+        return exc
+    return BlobNotWritten(exc.errno, exc.strerror or str(exc), keep, dest)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
     except OSError:
         pass
 

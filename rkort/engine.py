@@ -203,6 +203,7 @@ class RKNNEngine:
         self.output_names = tuple(o.name for o in outputs)
         self.output_dtypes = tuple(_tensor_dtype(o) for o in outputs)
         self.policy = make_policy(model, inputs, outputs, options)
+        self._fp16 = options.quantized_dtype is None
         #: Every signature a runner was opened for, in order (a compile or a cache load each).
         self.opened: list[tuple[tuple[int, ...], ...]] = []
         self._runners: OrderedDict[tuple[tuple[int, ...], ...], tuple[Runner, BuildSpec]] = (
@@ -267,13 +268,16 @@ class RKNNEngine:
 
         entry, built = compile_to_cache(self._model, spec, self.cache, progress)
         _log_entry(entry, built, spec)
-        if self.backend == "board":
-            from .backends.board import open_board
+        try:
+            if self.backend == "board":
+                from .backends.board import open_board
 
-            return open_board(entry.blob_path, spec, self.options.core_mask)
-        from .backends.adb import open_adb
+                return open_board(entry.blob_path, spec, self.options.core_mask)
+            from .backends.adb import open_adb
 
-        return open_adb(entry.blob_path, spec, spec.target, self.options.device_id)
+            return open_adb(entry.blob_path, spec, spec.target, self.options.device_id)
+        finally:
+            _discard_ephemeral(entry)  # the runtime holds the blob once it is open
 
     def run(
         self, arrays: Sequence[np.ndarray], profile: dict[str, Any] | None = None
@@ -288,6 +292,10 @@ class RKNNEngine:
                 return None
             raise ort_error(InvalidArgument, str(e)) from None
         if plan is None:
+            return None
+        if self._fp16 and any(_beyond_fp16(a) for a in arrays):
+            # An fp16 build would turn these values into inf/NaN: a wrong answer, never given.
+            log.info("an input holds values beyond float16's range; running this call on the CPU")
             return None
         if profile is not None:
             profile["signature"] = [list(s) for s in plan.signature]
@@ -316,6 +324,17 @@ class RKNNEngine:
             self._runners.clear()
         for r in runners.values():
             r.close()
+
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _beyond_fp16(a: np.ndarray) -> bool:
+    """True when a float input has a finite value an fp16 blob cannot hold."""
+    if a.dtype.kind != "f" or a.dtype == np.float16 or a.size == 0:
+        return False
+    big = np.abs(a) > _FP16_MAX
+    return bool(big.any() and np.isfinite(a[big]).any())
 
 
 def _log_entry(entry: Entry, built: bool, spec: BuildSpec) -> None:

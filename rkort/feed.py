@@ -78,9 +78,15 @@ def prepare(
 def output_indices(
     output_names: Sequence[Any] | None, all_names: Sequence[str]
 ) -> list[int] | None:
-    """Positions of the requested outputs (all when None/empty), or None if a name is unknown."""
+    """Positions of the requested outputs (all when None/empty), or None if a name is unknown or
+    the names do not come as onnxruntime takes them (a list or tuple of str)."""
     if not output_names:
         return list(range(len(all_names)))
+    # A str, a set, a generator... are refused by onnxruntime's binding (TypeError): let it say so.
+    if not isinstance(output_names, (list, tuple)) or not all(
+        isinstance(n, str) for n in output_names
+    ):
+        return None
     index = {n: i for i, n in enumerate(all_names)}
     try:
         return [index[n] for n in output_names]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as _ort
 
+from .backends.base import RunnerDied, RunnerError
 from .compiler import CompileError
 from .engine import RKNNEngine, Unsupported
 from .errors import EPFail, ort_error
@@ -175,9 +176,15 @@ class InferenceSession(_ort.InferenceSession):
             else:
                 with self._profiler.event(f"{PROVIDER}_run", provider=PROVIDER) as args:
                     outs = engine.run(arrays, args)
-        except CompileError as e:
-            # A shape first seen now could not be compiled: the session stops using RKNN.
+        except (CompileError, RunnerDied) as e:
+            # A shape first seen now could not be compiled, or the device context is gone: as
+            # onnxruntime does when an execution provider fails, warn and fall back.
             self._rknn_failed(e)
+            outs = None
+        except RunnerError:
+            # The runtime refused this very feed and still works: onnxruntime answers it, with
+            # its own error for the same input or with its result.
+            log.debug("RKNN refused this feed; onnxruntime answers it", exc_info=True)
             outs = None
         if outs is None:
             return self._sess.run(

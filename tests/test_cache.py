@@ -511,13 +511,18 @@ def test_a_killed_build_is_rebuilt_and_its_temp_dir_cleaned(
     assert leftover.name.startswith(KEY) and (leftover / "model.rknn").exists()
     assert cache.get(KEY) is None and cache.entries() == []
 
+    # A young leftover of another key survives a build (its build may still be running)...
+    young = root / "tmp" / f"{OTHER_KEY}.young"
+    young.mkdir()
     entry, was_built = cache.get_or_build(KEY, writer(), {})
     assert was_built and entry.blob_path.read_bytes() == BLOB
-    assert leftover.exists()  # only minutes-old leftovers are swept
+    # ...but one of the key being built goes at once: holding its lock proves its build is dead.
+    assert not leftover.exists() and young.exists()
 
     long_ago = time.time() - 3600
-    os.utime(leftover, (long_ago, long_ago))
-    cache.get_or_build(OTHER_KEY, writer(), {})
+    os.utime(young, (long_ago, long_ago))
+    cache.remove(KEY)
+    cache.get_or_build(KEY, writer(), {})
     assert os.listdir(root / "tmp") == []
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
-from .base import Runner, RunnerClosed, RunnerError
+from .base import Runner, RunnerClosed, RunnerDied, RunnerError
 
-__all__ = ["Runner", "RunnerClosed", "RunnerError", "available_backends"]
+__all__ = ["Runner", "RunnerClosed", "RunnerDied", "RunnerError", "available_backends"]
 
 
 def available_backends() -> list[str]:

@@ -22,6 +22,14 @@ class RunnerClosed(RunnerError):
     """The runner was closed; open a new one."""
 
 
+class RunnerDied(RunnerError):
+    """The runner's device context or worker process is gone; it cannot run anything again.
+
+    A plain :class:`RunnerError` means this call failed and the runner still works (the runtime
+    refused these inputs, say); this one means every later call would fail too.
+    """
+
+
 class Runner(abc.ABC):
     """Runs one model with static shapes.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _worker
 from ..compiler import BuildSpec, place_file
-from .base import Runner, RunnerError
+from .base import Runner, RunnerDied, RunnerError
 
 
 class WorkerRunner(Runner):
@@ -36,7 +36,7 @@ class WorkerRunner(Runner):
 
     def _run(self, inputs: list[np.ndarray]) -> list[Any]:
         if self._died is not None:
-            raise RunnerError(self._died)
+            raise RunnerDied(self._died)
         try:
             return self._worker.call(inputs)
         except _worker.WorkerDied as e:
@@ -45,7 +45,7 @@ class WorkerRunner(Runner):
                 f"{self.spec.model_name} died (it {e}); this runner cannot be used any more, "
                 "open a new session"
             )
-            raise RunnerError(self._died) from None
+            raise RunnerDied(self._died) from None
         except RuntimeError as e:
             raise RunnerError(f"{self.name} could not run {self.spec.model_name}: {e}") from None
 
