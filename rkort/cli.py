@@ -251,6 +251,25 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import onnxruntime
+
+    from .inspect_report import build_report, format_text
+    from .platform import default_target
+
+    # onnxruntime reads and checks the model first: its errors are the ones the session gives.
+    onnxruntime.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    force = [x for x in (args.cpu_ops or "").split(",") + (args.cpu_nodes or "").split(",") if x]
+    try:
+        report = build_report(
+            args.model, (args.target or default_target()).lower(), force, dict(args.shape or [])
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(report, indent=2) if args.json else format_text(report))
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     env = environment()
     if args.json:
@@ -345,6 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     from .integrations.run import add_run_parser
 
     add_run_parser(sub)
+    i = sub.add_parser(
+        "inspect",
+        help="which node of a model runs where (NPU or CPU) and why, before anything runs",
+    )
+    i.add_argument("model", help="an ONNX file")
+    i.add_argument(
+        "--target",
+        help="rk3588, rk3576, rk3568, rk3566, rk3562, ... (default: this board's SoC, rk3588 on a host)",
+    )
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--cpu-ops", help="op types to force onto the CPU, comma-separated")
+    i.add_argument("--cpu-nodes", help="node names to force onto the CPU, comma-separated")
+    i.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        metavar="NAME=DIMxDIM",
+        help="static shape for an input with dynamic dims (repeatable; default: those dims are 1)",
+    )
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -24,6 +26,7 @@ from .feed import dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
 from .platform import is_board, toolkit_lite_version
+from .program import Program
 from .shapes import infer_output_shapes
 
 log = logging.getLogger("rkort")
@@ -117,10 +120,12 @@ def _probe_output_shapes(
 
 
 def blob_key(model: ModelSource, cache: Cache, spec: BuildSpec) -> str:
-    """The cache key of one compiled blob: model content, the spec, and the toolchain version."""
-    return make_key(
-        {"model": model.content_hash(cache), "toolkit": runtime_version(), **spec.key_parts()}
-    )
+    """The cache key of one compiled blob: model content, the spec, and the toolchain version
+    (and, for one segment of a model, the segment: its file name carries a digest of it)."""
+    parts = {"model": model.content_hash(cache), "toolkit": runtime_version(), **spec.key_parts()}
+    if Path(spec.model_path) != model.path:
+        parts["segment"] = Path(spec.model_path).name
+    return make_key(parts)
 
 
 def _meta(model: ModelSource, spec: BuildSpec) -> dict[str, Any]:
@@ -180,6 +185,33 @@ def make_policy(
     )
 
 
+class _Compiled:
+    """What runs one input signature: a Program (NPU and CPU segments), or a runner of one
+    multi-shape blob together with the output shapes of that signature."""
+
+    def __init__(
+        self,
+        program: Program | None = None,
+        runner: Runner | None = None,
+        output_shapes: tuple[tuple[int, ...], ...] = (),
+    ) -> None:
+        self.program = program
+        self.runner = runner
+        self.output_shapes = output_shapes
+
+    def run(self, arrays: list[np.ndarray], on_segment: Any = None) -> list[np.ndarray]:
+        if self.program is not None:
+            return self.program.run(arrays, on_segment)
+        assert self.runner is not None
+        return self.runner.run(arrays, self.output_shapes)
+
+    def close(self) -> None:
+        if self.program is not None:
+            self.program.close()
+        if self.runner is not None:
+            self.runner.close()
+
+
 class RKNNEngine:
     """Runs a model on RKNN: inputs padded to a bucket signature, one compiled blob (and one open
     runner, at most ``max_live_shapes`` of them) per signature, outputs sliced back."""
@@ -206,9 +238,9 @@ class RKNNEngine:
         self._fp16 = options.quantized_dtype is None
         #: Every signature a runner was opened for, in order (a compile or a cache load each).
         self.opened: list[tuple[tuple[int, ...], ...]] = []
-        self._runners: OrderedDict[tuple[tuple[int, ...], ...], tuple[Runner, BuildSpec]] = (
-            OrderedDict()
-        )
+        self._runners: OrderedDict[tuple[tuple[int, ...], ...], _Compiled] = OrderedDict()
+        self._segment_dir = Path(tempfile.mkdtemp(prefix="rkort-segments-"))
+        weakref.finalize(self, shutil.rmtree, str(self._segment_dir), True)
         self._lock = threading.Lock()
         self._closed = False
         # Open one signature now, so a model RKNN cannot build falls back when the session opens.
@@ -216,17 +248,26 @@ class RKNNEngine:
         if options.shape_mode == "dynamic" and len(signatures) > 1:
             spec = bucket_specs(model, inputs, outputs, options, self.policy)[0]
             runner = self._open(spec)
+            shared = _Shared(runner)
             for sig in signatures:
-                self._runners[sig] = (runner, self._spec_for(sig))
+                self._runners[sig] = _Compiled(
+                    runner=shared, output_shapes=self._spec_for(sig).output_shapes
+                )
             self.opened.append(spec.input_shapes)
         elif signatures:
-            self._runner_for(signatures[0])
+            first = self._runner_for(signatures[0])
+            if first.program is not None and not first.program.npu_segments:
+                self.close()
+                reasons = sorted({p.reason for p in first.program.placements if p.device != "npu"})
+                raise Unsupported(
+                    f"no part of this model can run on the NPU for {options.target}: {'; '.join(reasons[:5])}"
+                )
 
     def _spec_for(self, signature: tuple[tuple[int, ...], ...]) -> BuildSpec:
         shapes = dict(zip(self.input_names, signature)) if not self.policy.static else None
         return plan_spec(self._model, self._inputs, self._outputs, self.options, shapes)
 
-    def _runner_for(self, signature: tuple[tuple[int, ...], ...]) -> tuple[Runner, BuildSpec]:
+    def _runner_for(self, signature: tuple[tuple[int, ...], ...]) -> _Compiled:
         with self._lock:
             if self._closed:
                 raise RunnerClosed("this session's RKNN engine is closed")
@@ -234,15 +275,29 @@ class RKNNEngine:
             if found is not None:
                 self._runners.move_to_end(signature)
                 return found
-            spec = self._spec_for(signature)
-            runner = self._open(spec)
+            program = Program(
+                self._model.proto,
+                self._segment_dir,
+                dict(zip(self.input_names, signature)),
+                None,
+                self._open,
+                model_path=self._model.path,
+                target=self.options.target,
+                quantized_dtype=self.options.quantized_dtype,
+                dataset=self.options.dataset,
+                optimization_level=self.options.optimization_level,
+                force_cpu=[*self.options.cpu_ops, *self.options.cpu_nodes],
+            )
+            compiled = _Compiled(program=program)
             self.opened.append(signature)
-            self._runners[signature] = (runner, spec)
+            self._runners[signature] = compiled
             while len(self._runners) > self.options.max_live_shapes:
-                _, (old, _) = self._runners.popitem(last=False)
-                log.info("closing the least recently used compiled shape of %s", spec.model_name)
+                _, old = self._runners.popitem(last=False)
+                log.info(
+                    "closing the least recently used compiled shape of %s", self._model.path.name
+                )
                 old.close()
-            return runner, spec
+            return compiled
 
     def _open(self, spec: BuildSpec) -> Runner:
         progress = self.options.progress
@@ -280,7 +335,10 @@ class RKNNEngine:
             _discard_ephemeral(entry)  # the runtime holds the blob once it is open
 
     def run(
-        self, arrays: Sequence[np.ndarray], profile: dict[str, Any] | None = None
+        self,
+        arrays: Sequence[np.ndarray],
+        profile: dict[str, Any] | None = None,
+        on_segment: Any = None,
     ) -> list[np.ndarray] | None:
         """Outputs in model order and declared dtypes; None when onnxruntime should run these
         inputs instead (an empty dim; an oversize input with ``oversize=cpu``)."""
@@ -302,12 +360,12 @@ class RKNNEngine:
             profile["chunks"] = len(plan.chunks)
             profile["backend"] = self.backend
         for attempt in range(2):
-            runner, spec = self._runner_for(plan.signature)
+            compiled = self._runner_for(plan.signature)
             try:
                 parts = []
                 for chunk in plan.chunks:
                     padded = self.policy.pad(arrays, plan, chunk)
-                    outs = runner.run([np.ascontiguousarray(a) for a in padded], spec.output_shapes)
+                    outs = compiled.run([np.ascontiguousarray(a) for a in padded], on_segment)
                     parts.append(
                         self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
                     )
@@ -320,10 +378,10 @@ class RKNNEngine:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            runners = {id(r): r for r, _ in self._runners.values()}
+            units = list(self._runners.values())
             self._runners.clear()
-        for r in runners.values():
-            r.close()
+        for unit in units:
+            unit.close()
 
 
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -335,6 +393,26 @@ def _beyond_fp16(a: np.ndarray) -> bool:
         return False
     big = np.abs(a) > _FP16_MAX
     return bool(big.any() and np.isfinite(a[big]).any())
+
+
+class _Shared(Runner):
+    """One multi-shape blob's runner shared by every signature; closed once, by the engine."""
+
+    def __init__(self, inner: Runner) -> None:
+        super().__init__(inner.spec)
+        self.name = inner.name
+        self._inner = inner
+
+    def run(
+        self, inputs: Sequence[np.ndarray], output_shapes: Sequence[tuple[int, ...]] | None = None
+    ) -> list[np.ndarray]:
+        return self._inner.run(inputs, output_shapes)
+
+    def _run(self, inputs: list[np.ndarray]) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        self._inner.close()
 
 
 def _log_entry(entry: Entry, built: bool, spec: BuildSpec) -> None:

@@ -48,6 +48,8 @@ KNOWN = {
     "exact_dims": "dynamic dims (by symbol, comma-separated) to compile per observed size instead of padding",
     "oversize": "error (default): an input longer than the largest bucket is an error; cpu: run it on the CPU",
     "shape_mode": "buckets (default): one blob per bucket shape; dynamic: one multi-shape blob holding every bucket",
+    "cpu_ops": "op types to run on the CPU, comma-separated (e.g. Softmax,Gather)",
+    "cpu_nodes": "node names to run on the CPU, comma-separated",
     "max_live_shapes": "compiled shapes kept open at once (default 4; the least recently used is closed)",
 }
 
@@ -85,6 +87,8 @@ class RKNNOptions:
     oversize_to_cpu: bool = False
     shape_mode: str = "buckets"
     max_live_shapes: int = 4
+    cpu_ops: tuple[str, ...] = ()
+    cpu_nodes: tuple[str, ...] = ()
     raw: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -172,6 +176,8 @@ class RKNNOptions:
             oversize_to_cpu=oversize == "cpu",
             shape_mode=shape_mode,
             max_live_shapes=live,
+            cpu_ops=tuple(filter(None, raw.get("cpu_ops", "").replace(" ", "").split(","))),
+            cpu_nodes=tuple(filter(None, raw.get("cpu_nodes", "").replace(" ", "").split(","))),
             target=target,
             quantized_dtype=quantized,
             dataset=dataset,

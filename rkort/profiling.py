@@ -43,6 +43,26 @@ class Profiler:
             with self._lock:
                 self._events.append(record)
 
+    def segment_hook(self) -> Any:
+        """A ``Program.run`` hook recording one event per segment run (perf_counter clock)."""
+        offset = time.time_ns() - time.perf_counter_ns()
+
+        def hook(segment: Any, start_ns: int, end_ns: int) -> None:
+            record = {
+                "cat": "Node",
+                "pid": os.getpid(),
+                "tid": threading.get_native_id(),
+                "dur": (end_ns - start_ns) // 1000,
+                "ts": (start_ns + offset - self.start_ns) // 1000,
+                "ph": "X",
+                "name": f"segment_{segment.index}_{segment.device}",
+                "args": {"device": segment.device, "node_count": segment.node_count},
+            }
+            with self._lock:
+                self._events.append(record)
+
+        return hook
+
     def merge_into(self, path: str) -> None:
         """Append the events to onnxruntime's trace file ``path`` (a JSON list)."""
         with self._lock:

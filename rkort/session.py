@@ -175,7 +175,7 @@ class InferenceSession(_ort.InferenceSession):
                 outs = engine.run(arrays)
             else:
                 with self._profiler.event(f"{PROVIDER}_run", provider=PROVIDER) as args:
-                    outs = engine.run(arrays, args)
+                    outs = engine.run(arrays, args, self._profiler.segment_hook())
         except (CompileError, RunnerDied) as e:
             # A shape first seen now could not be compiled, or the device context is gone: as
             # onnxruntime does when an execution provider fails, warn and fall back.

@@ -333,3 +333,422 @@ RUNNABLE: dict[str, Callable[[Path], TestModel]] = {
     "float16_io": float16_io,
     "bool_mask": bool_mask,
 }
+
+
+# -- Models for placement and segments (issue 4) ---------------------------------------------------
+#
+# Each has NPU parts heavy enough (MatMuls of [1, 64, 128] x [128, 128], ~2 MFLOP each) that the
+# planner keeps them on the NPU, around ops that must run on the CPU.
+
+SEQ, WIDTH = 64, 128
+
+
+def _matrix(rng: np.random.Generator, name: str, rows: int, cols: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(
+        (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32), name
+    )
+
+
+def _const(name: str, value: object, dtype: type = np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def _float_model(
+    name: str,
+    directory: Path,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    out_shape: tuple[int, ...] = (1, SEQ, WIDTH),
+    opset: int = OPSET,
+    ir_version: int = 8,
+) -> TestModel:
+    in_shape = (1, SEQ, WIDTH)
+    model = _graph_model(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+        inits,
+        opset=opset,
+    )
+    model.ir_version = ir_version
+    return TestModel(
+        name,
+        _save(model, directory / f"{name}.onnx"),
+        ("x",),
+        (in_shape,),
+        ("float32",),
+        ("y",),
+        (out_shape,),
+        ("float32",),
+        _float_feed((in_shape,)),
+    )
+
+
+def cpu_op_at(directory: Path, position: str) -> TestModel:
+    """x[1, 64, 128] -> two MatMul layers with one CPU-only op at the ``position`` of the graph.
+
+    start: Floor (the board runtimes lack it) on the input; middle: CumSum over the sequence (the
+    runtimes lack it) between the layers; end: ReverseSequence (wrong on the NPU) on the output,
+    which comes out [64, 1, 128] (time-major).
+    """
+    rng = np.random.default_rng(10)
+    inits = [_matrix(rng, "w1", WIDTH, WIDTH), _matrix(rng, "w2", WIDTH, WIDTH)]
+    layer1 = [
+        helper.make_node("MatMul", ["a", "w1"], ["h"], name="layer1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu1"),
+    ]
+    out_shape: tuple[int, ...] = (1, SEQ, WIDTH)
+    if position == "start":
+        nodes = [
+            helper.make_node("Mul", ["x", "four"], ["x4"], name="scale"),
+            helper.make_node("Floor", ["x4"], ["xf"], name="floor"),
+            helper.make_node("Mul", ["xf", "quarter"], ["a"], name="unscale"),
+            *layer1,
+            helper.make_node("MatMul", ["hr", "w2"], ["y"], name="layer2"),
+        ]
+        inits += [_const("four", 4.0), _const("quarter", 0.25)]
+    elif position == "middle":
+        nodes = [
+            helper.make_node("Identity", ["x"], ["a"], name="input"),
+            *layer1,
+            helper.make_node("CumSum", ["hr", "axis"], ["c"], name="cumsum"),
+            helper.make_node("Mul", ["c", "eighth"], ["cs"], name="damp"),
+            helper.make_node("MatMul", ["cs", "w2"], ["y"], name="layer2"),
+        ]
+        inits += [_const("axis", 1, np.int64), _const("eighth", 0.125)]
+    elif position == "end":
+        nodes = [
+            helper.make_node("Identity", ["x"], ["a"], name="input"),
+            *layer1,
+            helper.make_node("MatMul", ["hr", "w2"], ["z"], name="layer2"),
+            helper.make_node("Transpose", ["z"], ["zt"], perm=[1, 0, 2], name="time_major"),
+            helper.make_node(
+                "ReverseSequence",
+                ["zt", "lens"],
+                ["y"],
+                time_axis=0,
+                batch_axis=1,
+                name="reverse",
+            ),
+        ]
+        inits += [_const("lens", [40], np.int64)]
+        out_shape = (SEQ, 1, WIDTH)
+    else:
+        raise ValueError(f"position must be start, middle or end, not {position!r}")
+    return _float_model(f"cpu_op_at_{position}", directory, nodes, inits, out_shape)
+
+
+def cpu_islands(directory: Path) -> TestModel:
+    """x[1, 64, 128] float32, ids[1, 64] int64 -> y[1, 64, 128], ids_mod[1, 64] int64,
+    picked[2, N] int64: three MatMul layers with several CPU islands between them.
+
+    CumSum (runtime lacks it), Mod on ints (runtime lacks it), ReverseSequence (wrong on the NPU)
+    and NonZero (data-dependent shape, a graph output). ids_mod and picked never touch the NPU.
+    """
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="layer1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("CumSum", ["r1", "axis"], ["c"], name="cumsum"),
+        helper.make_node("Mul", ["c", "eighth"], ["cs"], name="damp"),
+        helper.make_node("MatMul", ["cs", "w2"], ["h2"], name="layer2"),
+        helper.make_node("Tanh", ["h2"], ["t2"], name="tanh2"),
+        helper.make_node("Mod", ["ids", "seven"], ["ids_mod"], name="mod"),
+        helper.make_node("Cast", ["ids_mod"], ["mf"], to=TensorProto.FLOAT, name="mod_float"),
+        helper.make_node("Unsqueeze", ["mf", "last"], ["mu"], name="mod_column"),
+        helper.make_node("Mul", ["mu", "tenth"], ["mt"], name="mod_scale"),
+        helper.make_node("Add", ["t2", "mt"], ["h3"], name="mix"),
+        helper.make_node("Transpose", ["h3"], ["ht"], perm=[1, 0, 2], name="time_major"),
+        helper.make_node(
+            "ReverseSequence", ["ht", "lens"], ["rv"], time_axis=0, batch_axis=1, name="reverse"
+        ),
+        helper.make_node("Transpose", ["rv"], ["rb"], perm=[1, 0, 2], name="batch_major"),
+        helper.make_node("MatMul", ["rb", "w3"], ["y"], name="layer3"),
+        helper.make_node("Greater", ["ids", "threshold"], ["big"], name="is_big"),
+        helper.make_node("NonZero", ["big"], ["picked"], name="pick"),
+    ]
+    inits = [
+        _matrix(rng, "w1", WIDTH, WIDTH),
+        _matrix(rng, "w2", WIDTH, WIDTH),
+        _matrix(rng, "w3", WIDTH, WIDTH),
+        _const("axis", 1, np.int64),
+        _const("eighth", 0.125),
+        _const("seven", 7, np.int64),
+        _const("last", [2], np.int64),
+        _const("tenth", 0.1),
+        _const("lens", [50], np.int64),
+        _const("threshold", 900, np.int64),
+    ]
+    model = _graph_model(
+        nodes,
+        "cpu_islands",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, WIDTH]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1, SEQ]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, WIDTH]),
+            helper.make_tensor_value_info("ids_mod", TensorProto.INT64, [1, SEQ]),
+            helper.make_tensor_value_info("picked", TensorProto.INT64, [2, None]),
+        ],
+        inits,
+    )
+
+    def feed(seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return [
+            rng.standard_normal((1, SEQ, WIDTH)).astype(np.float32),
+            rng.integers(0, 1000, size=(1, SEQ), dtype=np.int64),
+        ]
+
+    return TestModel(
+        "cpu_islands",
+        _save(model, directory / "cpu_islands.onnx"),
+        ("x", "ids"),
+        ((1, SEQ, WIDTH), (1, SEQ)),
+        ("float32", "int64"),
+        ("y", "ids_mod", "picked"),
+        ((1, SEQ, WIDTH), (1, SEQ), (2, -1)),
+        ("float32", "int64", "int64"),
+        feed,
+    )
+
+
+def control_flow(directory: Path) -> TestModel:
+    """x[1, 64, 128] -> MatMul -> If (runtime condition: the sign of the mean) -> Loop (3 times
+    Tanh) -> MatMul -> y. Feeds of opposite sign take opposite branches."""
+    rng = np.random.default_rng(12)
+    shape = [1, SEQ, WIDTH]
+    then_branch = helper.make_graph(
+        [helper.make_node("Relu", ["h"], ["pos"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("pos", TensorProto.FLOAT, shape)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Mul", ["h", "half"], ["neg"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("neg", TensorProto.FLOAT, shape)],
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("Tanh", ["v"], ["v_next"]),
+            helper.make_node("Identity", ["keep"], ["keep_next"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("keep", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, shape),
+        ],
+        [
+            helper.make_tensor_value_info("keep_next", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_next", TensorProto.FLOAT, shape),
+        ],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="layer1"),
+        helper.make_node("ReduceMean", ["h"], ["mean"], keepdims=0, name="mean"),
+        helper.make_node("Greater", ["mean", "zero"], ["positive"], name="sign"),
+        helper.make_node(
+            "If", ["positive"], ["k"], then_branch=then_branch, else_branch=else_branch, name="if"
+        ),
+        helper.make_node("Loop", ["trips", "true", "k"], ["l"], body=body, name="loop"),
+        helper.make_node("MatMul", ["l", "w2"], ["y"], name="layer2"),
+    ]
+    inits = [
+        _matrix(rng, "w1", WIDTH, WIDTH),
+        _matrix(rng, "w2", WIDTH, WIDTH),
+        _const("half", 0.5),
+        _const("zero", 0.0),
+        _const("trips", 3, np.int64),
+        _const("true", True, np.bool_),
+    ]
+    return _float_model("control_flow", directory, nodes, inits)
+
+
+def opset20_gelu(directory: Path) -> TestModel:
+    """x[1, 64, 128] -> MatMul -> Gelu (new in opset 20; no opset-19 form) -> MatMul -> y."""
+    rng = np.random.default_rng(13)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="layer1"),
+        helper.make_node("Gelu", ["h"], ["g"], name="gelu"),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="layer2"),
+    ]
+    inits = [_matrix(rng, "w1", WIDTH, WIDTH), _matrix(rng, "w2", WIDTH, WIDTH)]
+    return _float_model("opset20_gelu", directory, nodes, inits, opset=20, ir_version=9)
+
+
+def opset21_mlp(directory: Path) -> TestModel:
+    """x[1, 64, 128] -> MatMul -> Add -> Relu -> Reshape/Transpose (heads) -> MatMul -> y at opset
+    21 (IR 10): onnx's version converter takes it to opset 19 and it runs whole on the NPU."""
+    rng = np.random.default_rng(14)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="layer1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu1"),
+        helper.make_node("Reshape", ["r", "heads"], ["rh"], name="split_heads"),
+        helper.make_node("Transpose", ["rh"], ["rt"], perm=[0, 2, 1, 3], name="heads_first"),
+        helper.make_node("Transpose", ["rt"], ["rb"], perm=[0, 2, 1, 3], name="heads_back"),
+        helper.make_node("Reshape", ["rb", "merged"], ["rm"], name="merge_heads"),
+        helper.make_node("MatMul", ["rm", "w2"], ["y"], name="layer2"),
+    ]
+    inits = [
+        _matrix(rng, "w1", WIDTH, WIDTH),
+        _const("b1", rng.standard_normal(WIDTH) * 0.1),
+        _const("heads", [1, SEQ, 2, WIDTH // 2], np.int64),
+        _const("merged", [1, SEQ, WIDTH], np.int64),
+        _matrix(rng, "w2", WIDTH, WIDTH),
+    ]
+    return _float_model("opset21_mlp", directory, nodes, inits, opset=21, ir_version=10)
+
+
+def bert_with_cpu_op(directory: Path, seq: int = 32, external_data: bool = False) -> TestModel:
+    """A 2-layer BertModel (random weights, hidden 128) exported at a static [1, seq] shape
+    (opset 17), with a CumSum over the sequence (the board runtimes lack it) inserted after the
+    first layer's output LayerNorm: -> last_hidden_state[1, seq, 128], pooler_output[1, 128]."""
+    import warnings
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=4 * WIDTH,
+        max_position_embeddings=128,
+    )
+    bert = BertModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, seq))
+    mask = torch.ones(1, seq, dtype=torch.int64)
+    exported = directory / "bert_export.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer chatter
+        torch.onnx.export(
+            bert,
+            (ids, mask),
+            str(exported),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state", "pooler_output"],
+            opset_version=17,
+            dynamo=False,
+        )
+    model = onnx.load(str(exported))
+    graph = model.graph
+    target = next(
+        n.output[0]
+        for n in graph.node
+        if n.op_type == "LayerNormalization" and "layer.0/output" in n.name
+    )
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == target:
+                node.input[i] = "cumsum_scaled"
+    at = next(i for i, n in enumerate(graph.node) if target in n.output) + 1
+    graph.node.insert(
+        at, helper.make_node("CumSum", [target, "cumsum_axis"], ["cumsum_out"], name="cumsum")
+    )
+    graph.node.insert(
+        at + 1,
+        helper.make_node("Mul", ["cumsum_out", "cumsum_scale"], ["cumsum_scaled"], name="damp"),
+    )
+    graph.initializer.extend([_const("cumsum_axis", 1, np.int64), _const("cumsum_scale", 1 / seq)])
+    path = directory / ("bert_cpu_op_ext.onnx" if external_data else "bert_cpu_op.onnx")
+    onnx.checker.check_model(model)
+    if external_data:
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            location=f"{path.stem}.data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save(model, str(path))
+
+    def feed(s: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(s)
+        mask = np.ones((1, seq), np.int64)
+        mask[0, seq - 1 - s % 8 :] = 0
+        return [rng.integers(0, config.vocab_size, (1, seq), dtype=np.int64), mask]
+
+    return TestModel(
+        path.stem,
+        path,
+        ("input_ids", "attention_mask"),
+        ((1, seq), (1, seq)),
+        ("int64", "int64"),
+        ("last_hidden_state", "pooler_output"),
+        ((1, seq, WIDTH), (1, WIDTH)),
+        ("float32", "float32"),
+        feed,
+    )
+
+
+def runtime_range(directory: Path, count: int = 8) -> TestModel:
+    """x[1, 64, 128] float32, n int64 scalar -> y = x @ W, r = Range(0, n, 1) declared [count].
+
+    The Range has a runtime input, which the converter refuses and names ("The input 1 of
+    Range('range') need to be constant!")."""
+    rng = np.random.default_rng(15)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["y"], name="layer1"),
+        helper.make_node("Range", ["start", "n", "step"], ["r"], name="range"),
+    ]
+    inits = [
+        _matrix(rng, "w1", WIDTH, WIDTH),
+        _const("start", 0, np.int64),
+        _const("step", 1, np.int64),
+    ]
+    model = _graph_model(
+        nodes,
+        "runtime_range",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, WIDTH]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, WIDTH]),
+            helper.make_tensor_value_info("r", TensorProto.INT64, [count]),
+        ],
+        inits,
+    )
+
+    def feed(seed: int) -> list[np.ndarray]:
+        x = np.random.default_rng(seed).standard_normal((1, SEQ, WIDTH)).astype(np.float32)
+        return [x, np.array(count, np.int64)]
+
+    return TestModel(
+        "runtime_range",
+        _save(model, directory / "runtime_range.onnx"),
+        ("x", "n"),
+        ((1, SEQ, WIDTH), ()),
+        ("float32", "int64"),
+        ("y", "r"),
+        ((1, SEQ, WIDTH), (count,)),
+        ("float32", "int64"),
+        feed,
+    )
+
+
+def uint16_roundtrip(directory: Path) -> TestModel:
+    """x[1, 64, 128] -> h = Relu(x @ W) * 100 -> Cast to uint16 and back -> y = h + 0.01 * that.
+
+    The converter aborts on the uint16 tensor without naming a node ('Not Support Dtype: 4')."""
+    rng = np.random.default_rng(16)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m"], name="layer1"),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "hundred"], ["h"], name="scale"),
+        helper.make_node("Cast", ["h"], ["u"], to=TensorProto.UINT16, name="to_u16"),
+        helper.make_node("Cast", ["u"], ["f"], to=TensorProto.FLOAT, name="from_u16"),
+        helper.make_node("Mul", ["f", "hundredth"], ["fs"], name="shrink"),
+        helper.make_node("Add", ["h", "fs"], ["y"], name="mix"),
+    ]
+    inits = [_matrix(rng, "w1", WIDTH, WIDTH), _const("hundred", 100.0), _const("hundredth", 0.01)]
+    return _float_model("uint16_roundtrip", directory, nodes, inits)

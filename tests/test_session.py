@@ -90,9 +90,18 @@ def test_unbuildable_model_falls_back_to_cpu_with_a_warning(tmp_path, cache_dir,
 
 
 def test_fallback_off_raises_ep_fail(tmp_path, cache_dir) -> None:  # type: ignore[no-untyped-def]
-    path = models.relu_opset20(tmp_path)
+    path = models.nonzero(tmp_path)
     with pytest.raises(EPFail, match="RKNNExecutionProvider cannot run this model"):
         rkort.InferenceSession(path, providers=[(RKNN, {"fallback": "0"})])
+
+
+def test_opset_20_model_is_lowered_and_runs_on_rknn(tmp_path, cache_dir) -> None:  # type: ignore[no-untyped-def]
+    path = models.relu_opset20(tmp_path)
+    s = rkort.InferenceSession(path, providers=[(RKNN, {"fallback": "0"})])
+    assert s.get_providers()[0] == RKNN
+    feed = {i.name: np.linspace(-1, 1, int(np.prod(i.shape)), dtype=np.float32).reshape(i.shape) for i in s.get_inputs()}
+    ref = ort.InferenceSession(str(path)).run(None, feed)
+    assert _cos(s.run(None, feed)[0], ref[0]) >= 0.9999
 
 
 def test_set_providers_switches_between_rknn_and_cpu(mlp, cache_dir) -> None:  # type: ignore[no-untyped-def]

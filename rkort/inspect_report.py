@@ -1,0 +1,201 @@
+"""``rkort inspect``: before anything runs, where each node of a model would run and why, the
+segments, and the share of FLOPs and of parameters on the NPU.
+
+The FLOP estimate comes from shapes inferred for one input signature (dynamic dims the user did
+not fix are taken as 1, and the report says so): 2 per multiply-add for MatMul, Gemm, Conv,
+ConvTranspose, Einsum, attention ops and recurrent ops, 0 for data movement (Reshape, Transpose,
+Gather, ...), 1 per output element for everything else. Parameters are initializer elements; one
+used by any NPU segment counts on the NPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import onnx
+
+from . import placement
+from .placement import CPU, NPU
+
+_LIST_LIMIT = 3
+
+
+def build_report(
+    model_path: str | os.PathLike[str],
+    target: str,
+    force_cpu: Collection[str] = (),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, Any]:
+    """The inspect report as plain data (what ``--json`` prints)."""
+    path = os.fspath(model_path)
+    proto = onnx.load(path, load_external_data=False)
+    opset = placement.default_opset(proto)
+    shapes, assumed = _signature(proto, input_shapes or {})
+    lowered, note = placement.lower_opset(proto)
+    plan = placement.plan(
+        lowered, target, force_cpu, input_shapes=shapes, notes=[note] if note else []
+    )
+    notes = list(plan.notes)
+    if assumed:
+        fixed = ", ".join(f"{n}={_dims(s)}" for n, s in assumed.items())
+        notes.append(
+            f"dynamic dims taken as 1 for the estimate ({fixed}); give --shape NAME=DIMxDIM for "
+            "the shapes you run"
+        )
+    unknown = [n for n, f in plan.flops.items() if f is None]
+    if unknown:
+        notes.append(f"{len(unknown)} node(s) have no FLOP estimate (shapes unknown)")
+    in_segments: dict[str, list[int]] = {}
+    for s in plan.segments:
+        for n in s.nodes:
+            in_segments.setdefault(n, []).append(s.index)
+    segments = []
+    for s in plan.segments:
+        work = sum(plan.flops.get(n) or 0.0 for n in dict.fromkeys(s.nodes))
+        segments.append(
+            {
+                "index": s.index,
+                "device": s.device,
+                "nodes": len(s.nodes),
+                "node_names": list(s.nodes),
+                "inputs": list(s.inputs),
+                "outputs": list(s.outputs),
+                "flops": work,
+            }
+        )
+    return {
+        "model": path,
+        "target": target,
+        "opset": opset,
+        "node_count": len(proto.graph.node),
+        "input_shapes": {n: list(s) for n, s in shapes.items()},
+        "npu_flop_share": plan.npu_flop_share,
+        "npu_param_share": plan.npu_param_share,
+        "flops": {"npu": plan.flops_npu, "total": plan.flops_total},
+        "params": {"npu": plan.params_npu, "total": plan.params_total},
+        "segments": segments,
+        "placements": [
+            {
+                "node": p.node_name,
+                "op_type": p.op_type,
+                "device": _shown_device(p, in_segments, plan.segments),
+                "reason": p.reason,
+                "segments": in_segments.get(p.node_name, []),
+                "flops": plan.flops.get(p.node_name),
+            }
+            for p in plan.placements
+        ],
+        "notes": notes,
+    }
+
+
+def format_text(report: Mapping[str, Any]) -> str:
+    """The report as the text ``rkort inspect`` prints."""
+    lines = [
+        f"{report['model']} for {report['target']} "
+        f"(opset {report['opset']}, {report['node_count']} nodes)",
+        "inputs: "
+        + (", ".join(f"{n}={_dims(s)}" for n, s in report["input_shapes"].items()) or "none"),
+    ]
+    flops, params = report["flops"], report["params"]
+    lines.append(
+        f"on the NPU: {_share(report['npu_flop_share'])} of FLOPs "
+        f"({_si(flops['npu'])}FLOP of {_si(flops['total'])}FLOP), "
+        f"{_share(report['npu_param_share'])} of parameters "
+        f"({_si(params['npu']).strip()} of {_si(params['total']).strip()})"
+    )
+    segs = report["segments"]
+    n_npu = sum(1 for s in segs if s["device"] == NPU)
+    lines.append(f"segments: {len(segs)} ({n_npu} NPU, {len(segs) - n_npu} CPU)")
+    for s in segs:
+        count = f"{s['nodes']} node{'' if s['nodes'] == 1 else 's'}"
+        lines.append(
+            f"  #{s['index']:<3} {s['device']}  {count:>10}  {_si(s['flops']):>7}FLOP  "
+            f"in: {_names(s['inputs'])}  out: {_names(s['outputs'])}"
+        )
+    lines.append("nodes:")
+    rows = report["placements"]
+    op_width = max([len(p["op_type"]) for p in rows] + [2])
+    name_width = min(max([len(p["node"]) for p in rows] + [4]), 60)
+    for p in rows:
+        where = ",".join(str(i) for i in p["segments"]) or "-"
+        lines.append(
+            f"  {p['device']}  {p['op_type']:<{op_width}}  {p['node']:<{name_width}}  "
+            f"[{where}]  {p['reason']}"
+        )
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _shown_device(
+    p: placement.NodePlacement,
+    in_segments: Mapping[str, list[int]],
+    segments: Sequence[placement.Segment],
+) -> str:
+    """A constant runs where the segments that copy it run (the NPU when any of them does)."""
+    if p.reason != placement.CONSTANT_REASON or not in_segments.get(p.node_name):
+        return p.device
+    devices = {segments[i].device for i in in_segments[p.node_name]}
+    return NPU if NPU in devices else CPU
+
+
+def _signature(
+    proto: onnx.ModelProto, given: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    initializers = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    unknown = set(given) - set(names)
+    if unknown:
+        raise ValueError(f"no input named {sorted(unknown)}; the inputs are {names}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    assumed: dict[str, tuple[int, ...]] = {}
+    for vi in proto.graph.input:
+        if vi.name not in names:
+            continue
+        declared = placement._type_of(vi.type)
+        if vi.name in given:
+            shape = tuple(int(d) for d in given[vi.name])
+            if declared.shape is not None and (
+                len(shape) != len(declared.shape)
+                or any(isinstance(d, int) and d != g for d, g in zip(declared.shape, shape))
+            ):
+                raise ValueError(
+                    f"shape {_dims(shape)} does not fit input {vi.name!r} of shape "
+                    f"{list(declared.shape)}"
+                )
+            shapes[vi.name] = shape
+        elif declared.shape is not None:
+            shape = tuple(d if isinstance(d, int) else 1 for d in declared.shape)
+            shapes[vi.name] = shape
+            if declared.static_shape is None:
+                assumed[vi.name] = shape
+    return shapes, assumed
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape) or "scalar"
+
+
+def _names(names: Sequence[str]) -> str:
+    if not names:
+        return "-"
+    shown = ", ".join(names[:_LIST_LIMIT])
+    more = len(names) - _LIST_LIMIT
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} "
+
+
+__all__ = ["CPU", "NPU", "build_report", "format_text"]
