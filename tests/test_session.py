@@ -51,7 +51,11 @@ def test_rknn_session_reports_itself_and_matches_onnxruntime(mlp, mlp_session) -
     ref = ort.InferenceSession(str(mlp.path)).run(None, _feed(mlp))
     got = mlp_session.run(None, _feed(mlp))
     assert _cos(got[0], ref[0]) >= 0.9999
-    assert mlp_session._rknn is not None and mlp_session._rknn.backend in ("simulator", "board", "adb")
+    assert mlp_session._rknn is not None and mlp_session._rknn.backend in (
+        "simulator",
+        "board",
+        "adb",
+    )
 
 
 def test_alias_and_options_forms(mlp, cache_dir) -> None:  # type: ignore[no-untyped-def]
@@ -83,7 +87,10 @@ def test_unbuildable_model_falls_back_to_cpu_with_a_warning(tmp_path, cache_dir,
         s = rkort.InferenceSession(path, providers=[RKNN, "CPUExecutionProvider"])
     assert s.get_providers() == ["CPUExecutionProvider"]
     assert any("falling back" in r.getMessage() for r in caplog.records)
-    feed = {i.name: np.ones([d if isinstance(d, int) else 3 for d in i.shape], np.float32) for i in s.get_inputs()}
+    feed = {
+        i.name: np.ones([d if isinstance(d, int) else 3 for d in i.shape], np.float32)
+        for i in s.get_inputs()
+    }
     ref = ort.InferenceSession(str(path)).run(None, feed)
     np.testing.assert_array_equal(s.run(None, feed)[0], ref[0])
     assert not list(cache_dir.rglob("*.rknn")), "a failed build must leave no blob in the cache"
@@ -99,7 +106,10 @@ def test_opset_20_model_is_lowered_and_runs_on_rknn(tmp_path, cache_dir) -> None
     path = models.relu_opset20(tmp_path)
     s = rkort.InferenceSession(path, providers=[(RKNN, {"fallback": "0"})])
     assert s.get_providers()[0] == RKNN
-    feed = {i.name: np.linspace(-1, 1, int(np.prod(i.shape)), dtype=np.float32).reshape(i.shape) for i in s.get_inputs()}
+    feed = {
+        i.name: np.linspace(-1, 1, int(np.prod(i.shape)), dtype=np.float32).reshape(i.shape)
+        for i in s.get_inputs()
+    }
     ref = ort.InferenceSession(str(path)).run(None, feed)
     assert _cos(s.run(None, feed)[0], ref[0]) >= 0.9999
 
@@ -127,7 +137,9 @@ def test_bytes_model_runs_on_rknn(mlp, cache_dir) -> None:  # type: ignore[no-un
 def test_ort_values_and_io_binding_run_on_rknn(mlp, mlp_session) -> None:  # type: ignore[no-untyped-def]
     feed = _feed(mlp)
     expected = mlp_session.run(None, feed)[0]
-    outs = mlp_session.run_with_ort_values(None, {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()})
+    outs = mlp_session.run_with_ort_values(
+        None, {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+    )
     np.testing.assert_array_equal(outs[0].numpy(), expected)
     binding = mlp_session.io_binding()
     for k, v in feed.items():
@@ -173,7 +185,9 @@ def test_toolkit_noise_never_reaches_stdout(tmp_path) -> None:  # type: ignore[n
         """
     )
     env = {**os.environ, "RKORT_CACHE_DIR": str(tmp_path / "cache")}
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines() == [f"RESULT {RKNN} {tuple(m.output_shapes[0])}"]
     assert "RKNN" not in p.stderr and "GraphPreparing" not in p.stderr, p.stderr
@@ -196,7 +210,16 @@ def test_processes_opening_one_new_model_compile_it_once(tmp_path) -> None:  # t
         """
     )
     env = {**os.environ, "RKORT_CACHE_DIR": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
     reports = []
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -222,3 +245,31 @@ def test_profiling_writes_onnxruntime_trace(mlp, cache_dir, tmp_path) -> None:  
     assert len(ours) == 2 and all(e["ph"] == "X" and e["dur"] >= 0 and e["ts"] >= 0 for e in ours)
     assert ours[0]["args"]["backend"] in ("simulator", "board", "adb")
     assert any(e["name"] == "session_initialization" for e in events)  # onnxruntime's own
+
+
+@pytest.mark.parametrize("builder", ["islands", "bert"])
+def test_models_with_cpu_only_ops_run_in_segments_through_the_session(
+    builder, tmp_path, cache_dir
+) -> None:  # type: ignore[no-untyped-def]
+    m = models.cpu_islands(tmp_path) if builder == "islands" else models.bert_with_cpu_op(tmp_path)
+    so = rkort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "trace")
+    s = rkort.InferenceSession(m.path, so, providers=[RKNN, "CPUExecutionProvider"])
+    assert s.get_providers()[0] == RKNN
+    program = next(iter(s._rknn._runners.values())).program
+    devices = [seg.device for seg in program.segments]
+    assert "cpu" in devices and "npu" in devices
+    feed = dict(zip(m.input_names, m.make_feed(0)))
+    got = s.run(None, feed)
+    want = ort.InferenceSession(str(m.path)).run(None, feed)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if w.dtype.kind == "f":
+            assert _cos(g, w) >= 0.9999
+        else:
+            np.testing.assert_array_equal(g, w)
+    events = json.loads(Path(s.end_profiling()).read_text())
+    seg_events = [e for e in events if e["name"].startswith("segment_")]
+    assert len(seg_events) == len(program.segments)
+    assert {e["args"]["device"] for e in seg_events} == set(devices)
