@@ -32,6 +32,33 @@ TARGET = "rk3588"
 
 _LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
 
+
+def _cpu_now() -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its reaped
+    descendants)."""
+    import resource
+
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - sum(getattr(t, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
+    me = sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+    return time.monotonic(), busy, me
+
+
+def others_cpu_since(start: tuple[float, float, float]) -> float:
+    """Share of all CPUs used by processes other than this one and its (reaped) descendants."""
+    wall, busy, me = _cpu_now()
+    elapsed = max(1e-9, wall - start[0])
+    return max(0.0, (busy - start[1]) - (me - start[2])) / (elapsed * (os.cpu_count() or 1))
+
+
+_CPU_AT_START = _cpu_now()
+
 #: Set by run_all.py so that every benchmark reuses the same (deterministic) model files.
 MODELS_ENV = "RKORT_BENCH_MODELS"
 
@@ -85,6 +112,10 @@ def environment() -> list[tuple[str, str]]:
             "/".join(f"{x:.2f}" for x in _LOAD_AT_START)
             + " -> "
             + "/".join(f"{x:.2f}" for x in os.getloadavg()),
+        ),
+        (
+            "other processes' CPU during this benchmark (share of all CPUs, 0% = quiet)",
+            f"{others_cpu_since(_CPU_AT_START):.0%}",
         ),
     ]
 
@@ -234,15 +265,9 @@ def quiet_fds(log_path: str | os.PathLike[str] | None = None) -> Iterator[None]:
 def run_child(script: Path, args: Sequence[str], log_path: Path, timeout: float = 900) -> dict:
     """Run ``python script --child ... --out FILE`` with its console output in ``log_path``;
     returns the JSON it wrote. Used for parts that load rknn-toolkit2 (its output is noise)."""
-    import resource
-
-    import psutil
-
     with tempfile.TemporaryDirectory(prefix="rkort-bench-child-") as tmp:
         out = Path(tmp) / "result.json"
-        sys_before = psutil.cpu_times()
-        ru_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        wall = time.monotonic()
+        start = _cpu_now()
         with open(log_path, "ab") as logf:
             proc = subprocess.run(
                 [sys.executable, str(script), "--child", *args, "--out", str(out)],
@@ -260,25 +285,9 @@ def run_child(script: Path, args: Sequence[str], log_path: Path, timeout: float 
                 f"last lines of {log_path}:\n" + "\n".join(tail)
             )
         result = json.loads(out.read_text())
-        # CPU used on this machine by everything except this child and its descendants (all
-        # reaped by now), as a fraction of all CPUs: what other work disturbed the measurement.
-        wall = time.monotonic() - wall
-        sys_after = psutil.cpu_times()
-        ru_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-
-        def busy(t: Any) -> float:
-            return (
-                sum(t)
-                - t.idle
-                - getattr(t, "iowait", 0.0)
-                - getattr(t, "guest", 0.0)
-                - getattr(t, "guest_nice", 0.0)
-            )
-
-        mine = (ru_after.ru_utime - ru_before.ru_utime) + (ru_after.ru_stime - ru_before.ru_stime)
-        others = busy(sys_after) - busy(sys_before) - mine
         if isinstance(result, dict):
-            result["_others_cpu"] = max(0.0, others) / (wall * (os.cpu_count() or 1))
+            # CPU that other work used meanwhile (the child and its descendants are reaped).
+            result["_others_cpu"] = others_cpu_since(start)
         return result
 
 
