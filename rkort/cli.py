@@ -8,8 +8,10 @@ import logging
 import platform as _platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -68,6 +70,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
     raw = {"dtype": args.dtype, "optimization_level": str(args.optimization_level)}
     for key in (
+        "cpu_ops",
         "target",
         "dataset",
         "cache_dir",
@@ -99,30 +102,70 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     except (Unsupported, ValueError) as e:
         raise UsageError(f"{e}; give each dynamic input a --shape NAME=DIMxDIM") from None
     cache = _cache(args)
-    compiled = cached = 0
-    for spec in specs:
+    counts = {"compiled": 0, "cached": 0}
+    progress = None if not args.quiet else False
+
+    def compile_one(spec: BuildSpec) -> None:
         started = time.monotonic()
-        try:
-            entry, built = compile_to_cache(
-                model, spec, cache, progress=None if not args.quiet else False
-            )
-        except CompileError as e:
-            print(f"rkort warmup: could not compile {args.model}: {e}", file=sys.stderr)
-            return 1
+        entry, built = compile_to_cache(model, spec, cache, progress=progress)
         shapes_text = ", ".join(
             f"{n}={'x'.join(map(str, s))}" for n, s in zip(spec.input_names, spec.input_shapes)
         )
         if spec.dynamic_input:
             shapes_text = f"{len(spec.dynamic_input)} shapes up to {shapes_text}"
-        what = f"{args.model} for {spec.target} ({spec.quantized_dtype or 'fp16'}; {shapes_text})"
+        part = (
+            "" if Path(spec.model_path) == model.path else f" segment {Path(spec.model_path).stem}"
+        )
+        what = f"{args.model}{part} for {spec.target} ({spec.quantized_dtype or 'fp16'}; {shapes_text})"
         if built:
-            compiled += 1
+            counts["compiled"] += 1
             print(
                 f"compiled {what} in {time.monotonic() - started:.1f} s -> {entry.blob_path} ({_human(entry.size)})"
             )
         else:
-            cached += 1
+            counts["cached"] += 1
             print(f"already in the cache: {what}")
+
+    try:
+        if options.shape_mode == "dynamic" and specs and specs[0].dynamic_input:
+            for spec in specs:
+                compile_one(spec)
+        else:
+            # The same plan a session makes: NPU segments compiled, CPU segments left to onnxruntime.
+            from .backends.cpu import open_cpu
+            from .program import Program
+
+            def open_npu(spec: BuildSpec):  # type: ignore[no-untyped-def]
+                compile_one(spec)
+                return open_cpu(spec)
+
+            with tempfile.TemporaryDirectory(prefix="rkort-warmup-") as tmp:
+                for spec in specs:
+                    program = Program(
+                        model.proto,
+                        tmp,
+                        dict(zip(spec.input_names, spec.input_shapes)),
+                        None,
+                        open_npu,
+                        model_path=model.path,
+                        target=options.target,
+                        quantized_dtype=options.quantized_dtype,
+                        dataset=options.dataset,
+                        optimization_level=options.optimization_level,
+                        force_cpu=[*options.cpu_ops, *options.cpu_nodes],
+                    )
+                    npu = len(program.npu_segments)
+                    program.close()
+                    if not npu:
+                        print(
+                            f"rkort warmup: no part of {args.model} runs on the NPU for {options.target}",
+                            file=sys.stderr,
+                        )
+                        return 1
+    except CompileError as e:
+        print(f"rkort warmup: could not compile {args.model}: {e}", file=sys.stderr)
+        return 1
+    compiled, cached = counts["compiled"], counts["cached"]
     print(f"{compiled} compiled, {cached} already in the cache")
     return 0
 
@@ -335,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("buckets", "dynamic"),
         help="one blob per bucket (default) or one multi-shape blob",
     )
+    w.add_argument("--cpu-ops", dest="cpu_ops", help="op types to keep on the CPU, comma-separated")
     w.add_argument("--dataset", help="calibration dataset file for a quantized build")
     w.add_argument("--optimization-level", type=int, default=3, choices=(0, 1, 2, 3))
     w.add_argument("--cache-dir", help="default: $RKORT_CACHE_DIR or the user cache dir")

@@ -104,3 +104,30 @@ def test_size_parsing(text: str, expected: int) -> None:
     from rkort.cli import parse_size
 
     assert parse_size(text) == expected
+
+
+@needs_rknn
+def test_warmup_compiles_the_npu_segments_a_session_uses(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    m = models.cpu_op_at(tmp_path, "middle")
+    cache = tmp_path / "cache"
+    out = rkort_cli("warmup", str(m.path), "-q", cache=cache).stdout
+    assert "2 compiled, 0 already in the cache" in out and out.count(" segment segment-npu-") == 2
+    again = rkort_cli("warmup", str(m.path), "-q", cache=cache).stdout
+    assert "0 compiled, 2 already in the cache" in again
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("rkort")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        s = rkort.InferenceSession(m.path, providers=[(RKNN, {"cache_dir": str(cache)})])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    assert s.get_providers()[0] == RKNN
+    assert not [r for r in records if r.startswith("compiled ")]
+    assert len([r for r in records if r.startswith("using cached blob")]) == 2
