@@ -64,7 +64,14 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     import onnxruntime
 
     from .compiler import BuildSpec, CompileError
-    from .engine import Unsupported, bucket_specs, compile_to_cache, make_policy, plan_spec
+    from .engine import (
+        Unsupported,
+        bucket_specs,
+        compile_to_cache,
+        make_policy,
+        make_program,
+        plan_spec,
+    )
     from .model import ModelSource
     from .options import RKNNOptions
 
@@ -133,7 +140,6 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         else:
             # The same plan a session makes: NPU segments compiled, CPU segments left to onnxruntime.
             from .backends.cpu import open_cpu
-            from .program import Program
 
             def open_npu(spec: BuildSpec):  # type: ignore[no-untyped-def]
                 compile_one(spec)
@@ -141,19 +147,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
             with tempfile.TemporaryDirectory(prefix="rkort-warmup-") as tmp:
                 for spec in specs:
-                    program = Program(
-                        model.proto,
-                        tmp,
-                        dict(zip(spec.input_names, spec.input_shapes)),
-                        None,
-                        open_npu,
-                        model_path=model.path,
-                        target=options.target,
-                        quantized_dtype=options.quantized_dtype,
-                        dataset=options.dataset,
-                        optimization_level=options.optimization_level,
-                        force_cpu=[*options.cpu_ops, *options.cpu_nodes],
-                    )
+                    shapes = dict(zip(spec.input_names, spec.input_shapes))
+                    program = make_program(model, tmp, shapes, open_npu, options)
                     npu = len(program.npu_segments)
                     program.close()
                     if not npu:

@@ -22,7 +22,7 @@ from .buckets import Oversize, ShapePolicy
 from .cache import Cache, Entry, make_key
 from .compiler import BuildSpec, compile_blob, toolkit_version
 from .errors import InvalidArgument, ort_error
-from .feed import dtype_of
+from .feed import cast_output, dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
 from .platform import is_board, toolkit_lite_version
@@ -171,6 +171,29 @@ def bucket_specs(
     return specs
 
 
+def make_program(
+    model: ModelSource,
+    directory: str | Path,
+    shapes: Mapping[str, Sequence[int]],
+    open_npu: Any,
+    options: RKNNOptions,
+) -> Program:
+    """The segmented program a session runs for one input signature (warmup plans the same)."""
+    return Program(
+        model.proto,
+        directory,
+        shapes,
+        None,
+        open_npu,
+        model_path=model.path,
+        target=options.target,
+        quantized_dtype=options.quantized_dtype,
+        dataset=options.dataset,
+        optimization_level=options.optimization_level,
+        force_cpu=[*options.cpu_ops, *options.cpu_nodes],
+    )
+
+
 def make_policy(
     model: ModelSource, inputs: Sequence[Any], outputs: Sequence[Any], options: RKNNOptions
 ) -> ShapePolicy:
@@ -275,18 +298,12 @@ class RKNNEngine:
             if found is not None:
                 self._runners.move_to_end(signature)
                 return found
-            program = Program(
-                self._model.proto,
+            program = make_program(
+                self._model,
                 self._segment_dir,
                 dict(zip(self.input_names, signature)),
-                None,
                 self._open,
-                model_path=self._model.path,
-                target=self.options.target,
-                quantized_dtype=self.options.quantized_dtype,
-                dataset=self.options.dataset,
-                optimization_level=self.options.optimization_level,
-                force_cpu=[*self.options.cpu_ops, *self.options.cpu_nodes],
+                self.options,
             )
             compiled = _Compiled(program=program)
             self.opened.append(signature)
@@ -373,7 +390,7 @@ class RKNNEngine:
             except RunnerClosed:
                 if attempt or self._closed:
                     raise
-        return [_cast(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)]
+        return [cast_output(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)]
 
     def close(self) -> None:
         with self._lock:
@@ -452,13 +469,3 @@ def _static_shape(arg: Any, given: Sequence[int] | None = None) -> tuple[int, ..
             "(export the model with fixed shapes)"
         )
     return tuple(arg.shape)
-
-
-def _cast(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if out.dtype == dtype:
-        return out
-    if dtype.kind == "b":
-        return out != 0
-    if dtype.kind in "iu":
-        return np.rint(out).astype(dtype)
-    return out.astype(dtype)

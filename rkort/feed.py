@@ -92,3 +92,14 @@ def output_indices(
         return [index[n] for n in output_names]
     except (KeyError, TypeError):
         return None
+
+
+def cast_output(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """An NPU output (float32 from the runtime) in the dtype the model declares."""
+    if out.dtype == dtype or dtype == np.dtype(object):
+        return out
+    if dtype.kind == "b":
+        return out != 0
+    if dtype.kind in "iu":
+        return np.rint(out).astype(dtype)
+    return out.astype(dtype)

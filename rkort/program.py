@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 from . import placement
 from .backends.base import Runner, RunnerClosed
 from .compiler import BuildFailed, BuildSpec, CompileError, ConverterCrashed
+from .feed import cast_output
 from .placement import CPU, NPU, NodePlacement, Plan, Segment, TensorType
 
 log = logging.getLogger("rkort")
@@ -93,7 +94,7 @@ class ProgramSegment:
         """The segment's outputs (in ``outputs`` order, declared dtypes) for its inputs."""
         if self.runner is not None:
             outs = self.runner.run([np.ascontiguousarray(a) for a in arrays])
-            return [_cast(o, dt) for o, dt in zip(outs, self.output_dtypes)]
+            return [cast_output(o, dt) for o, dt in zip(outs, self.output_dtypes)]
         if self.session is None:
             raise RunnerClosed(f"segment {self.index} ({self.device}) is closed")
         return list(self.session.run(list(self.outputs), dict(zip(self.inputs, arrays))))
@@ -692,16 +693,6 @@ def _cpu_session(path: Path, sess_options: Any) -> Any:
     from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
     return InferenceSession(str(path), sess_options, providers=["CPUExecutionProvider"])
-
-
-def _cast(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if out.dtype == dtype or dtype == np.dtype(object):
-        return out
-    if dtype.kind == "b":
-        return out != 0
-    if dtype.kind in "iu":
-        return np.rint(out).astype(dtype)
-    return out.astype(dtype)
 
 
 def _rejects_graph(error: CompileError) -> bool:
