@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform as _platform
@@ -145,8 +146,30 @@ def cmd_warmup(args: argparse.Namespace) -> int:
                 compile_one(spec)
                 return open_cpu(spec)
 
-            with tempfile.TemporaryDirectory(prefix="rkort-warmup-") as tmp:
-                for spec in specs:
+            from . import placement
+
+            segmented = []
+            for spec in specs:
+                shapes = dict(zip(spec.input_names, spec.input_shapes))
+                lowered, _ = placement.lower_opset(model.proto)
+                planned = placement.plan(
+                    lowered,
+                    options.target,
+                    [*options.cpu_ops, *options.cpu_nodes],
+                    input_shapes=shapes,
+                )
+                devices = [seg.device for seg in planned.segments]
+                if lowered is model.proto and devices == ["npu"]:
+                    compile_one(spec)  # the whole model is one blob: the spec a session uses
+                else:
+                    segmented.append(spec)
+            # Segments are written out as ONNX files only for models with CPU parts.
+            with (
+                tempfile.TemporaryDirectory(prefix="rkort-warmup-")
+                if segmented
+                else contextlib.nullcontext("") as tmp
+            ):
+                for spec in segmented:
                     shapes = dict(zip(spec.input_names, spec.input_shapes))
                     program = make_program(model, tmp, shapes, open_npu, options)
                     npu = len(program.npu_segments)
