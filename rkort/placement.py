@@ -607,20 +607,8 @@ def freeze_shapes(
             value = np.array(shape[start:end], dtype=np.int64)
         else:
             value = np.array(math.prod(shape), dtype=np.int64)
-        edits[i] = onnx.helper.make_node(
-            "Constant",
-            [],
-            [node.output[0]],
-            name=names[i],
-            value=onnx.numpy_helper.from_array(value),
-        )
-    if not edits:
-        return None
-    frozen = onnx.ModelProto()
-    frozen.CopyFrom(model)
-    for i, replacement in edits.items():
-        frozen.graph.node[i].CopyFrom(replacement)
-    return frozen
+        edits[i] = _constant_node(names[i], node.output[0], value)
+    return _replaced(model, edits)
 
 
 #: Constant values up to this many elements are computed ahead (see :func:`fold_constants`).
@@ -671,20 +659,27 @@ def fold_constants(model: onnx.ModelProto, limit: int = FOLD_LIMIT) -> onnx.Mode
             continue
         values[node.output[0]] = value
         if node.op_type != "Constant":
-            edits[i] = onnx.helper.make_node(
-                "Constant",
-                [],
-                [node.output[0]],
-                name=names[i],
-                value=onnx.numpy_helper.from_array(value),
-            )
+            edits[i] = _constant_node(names[i], node.output[0], value)
+    return _replaced(model, edits)
+
+
+def _constant_node(name: str, output: str, value: np.ndarray) -> onnx.NodeProto:
+    return onnx.helper.make_node(
+        "Constant", [], [output], name=name, value=onnx.numpy_helper.from_array(value)
+    )
+
+
+def _replaced(
+    model: onnx.ModelProto, edits: Mapping[int, onnx.NodeProto]
+) -> onnx.ModelProto | None:
+    """A copy of ``model`` with the nodes at the given indices replaced (None if there are none)."""
     if not edits:
         return None
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     for i, replacement in edits.items():
-        folded.graph.node[i].CopyFrom(replacement)
-    return folded
+        copy.graph.node[i].CopyFrom(replacement)
+    return copy
 
 
 def _evaluate(
