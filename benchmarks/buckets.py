@@ -118,26 +118,25 @@ def blob_comparison(path: Path, tmp: Path) -> str:
 
     import rkort
     from rkort.cache import Cache
-    from rkort.engine import bucket_specs, compile_to_cache
-    from rkort.model import ModelSource
-    from rkort.options import RKNNOptions
+    from rkort.cli import main as rkort_main
 
     cpu = ort.InferenceSession(str(path))
-    model = ModelSource(path)
     rows = []
     results = {}
     for mode in ("buckets", "dynamic"):
         opts = {"buckets": ",".join(map(str, BUCKETS)), "batch_buckets": "1", "shape_mode": mode}
-        options = RKNNOptions.parse({**opts, "progress": "0"})
         cache = Cache(tmp / f"cache-{mode}")
-        log(f"compiling every bucket ({mode})")
+        log(f"compiling every bucket ({mode}) with `rkort warmup`")
         t0 = time.perf_counter()
-        sizes = []
-        specs = bucket_specs(model, cpu.get_inputs(), cpu.get_outputs(), options)
-        for spec in specs:
-            entry, _ = compile_to_cache(model, spec, cache, progress=False)
-            sizes.append(entry.size)
+        code = rkort_main(
+            ["warmup", str(path), "--buckets", opts["buckets"], "--batch-buckets", "1"]
+            + ["--shape-mode", mode, "--cache-dir", str(cache.root), "-q"]
+        )
         build = time.perf_counter() - t0
+        if code != 0:
+            raise RuntimeError(f"rkort warmup failed ({code})")
+        sizes = [e.size for e in cache.entries()]
+        specs = sizes
         firsts = []
         for length in (10, 100):
             log(f"first result at length {length} ({mode})")

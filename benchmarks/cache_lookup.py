@@ -5,10 +5,11 @@ Large model: a BERT-base-sized encoder (hidden 768, 12 layers, random weights, ~
    from the page cache, and with it in the page cache) against warm (a new ``Cache`` object on the
    same root, as a new process would: the memo written by the cold call is used).
 2. Opening a session on a warmed cache, split into its parts: onnxruntime's CPU session (rkort's
-   session always holds one), reading the graph (``ModelSource.proto``), ``plan_spec``,
-   ``blob_key`` (model hash + key), and ``Cache.get`` (which verifies the blob's sha256). The blob is
-   a stand-in of the fp16 blob's size (52 % of the ONNX file, random bytes) put in the cache with
-   ``get_or_build``: the large model is never built on the simulator.
+   session always holds one), reading the graph (``ModelSource.proto``), ``Planner.decide`` (the
+   memoized model hash and the program record warmup left: the blob's key), and ``Cache.get``
+   (which verifies the blob's sha256). The blob is a stand-in of the fp16 blob's size (52 % of the
+   ONNX file, random bytes) put in the cache with ``get_or_build`` during a planner decision (as
+   warmup does): the large model is never built on the simulator.
 3. For the small BERT-like model, full RKNN sessions on the simulator: empty cache against warmed.
 
     .venv/bin/python benchmarks/cache_lookup.py [--reps 3]
@@ -85,20 +86,15 @@ def open_parts(model: c.Model, reps: int, tmp: Path) -> dict[str, list[float]]:
 
     import rkort
     from rkort.cache import Cache
-    from rkort.engine import _meta, blob_key, plan_spec
+    from rkort.engine import blob_meta
     from rkort.model import ModelSource
     from rkort.options import RKNNOptions
+    from rkort.planner import Part, Planner
 
     root = tmp / "open-cache"
     options = RKNNOptions.parse({"target": c.TARGET, "cache_dir": str(root)})
     blob_size = int(model.size * FP16_BLOB_FRACTION)
-
-    # Warm the cache once: memoized model hash and a (stand-in) blob under the real key.
-    sess = onnxruntime.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-    src = ModelSource(model.path)
-    spec = plan_spec(src, sess.get_inputs(), sess.get_outputs(), options)
-    cache = Cache(root)
-    key = blob_key(src, cache, spec)
+    signature = {name: shape for name, (shape, _) in model.inputs.items()}
 
     def stand_in(dest: Path) -> dict[str, Any]:
         with open(dest, "wb") as f:
@@ -109,20 +105,23 @@ def open_parts(model: c.Model, reps: int, tmp: Path) -> dict[str, list[float]]:
                 left -= n
         return {"stand_in": True}
 
-    cache.get_or_build(key, stand_in, _meta(src, spec))
-    del sess, src
+    # Warm the cache once, as `rkort warmup` does: the decision is recorded and its blob (a
+    # stand-in here) put under the real key.
+    src = ModelSource(model.path)
+    cache = Cache(root)
+    planner = Planner(src, options, cache, tmp / "segments")
+
+    def build(part: Part) -> None:
+        assert part.spec is not None and part.key is not None
+        cache.get_or_build(part.key, stand_in, blob_meta(src, part.spec))
+
+    decision, _ = planner.decide(signature, build)
+    (part,) = decision.npu_parts
+    key = part.key
+    del planner, src
 
     parts: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "ort_session",
-            "rkort_cpu_session",
-            "proto",
-            "plan_spec",
-            "key_warm",
-            "get",
-            "key_cold",
-        )
+        k: [] for k in ("ort_session", "rkort_cpu_session", "proto", "decide", "get", "key_cold")
     }
     for rep in range(reps):
         # onnxruntime's and rkort's CPU sessions, in alternating order.
@@ -135,31 +134,27 @@ def open_parts(model: c.Model, reps: int, tmp: Path) -> dict[str, list[float]]:
                 else:
                     rkort.InferenceSession(str(model.path), providers=None)
             parts["ort_session" if which == "ort" else "rkort_cpu_session"].append(t.s)
-        sess = onnxruntime.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
         # The RKNN side of rkort's session open, as a new process would do it.
         src = ModelSource(model.path)
         with c.Clock() as t:
             src.proto  # noqa: B018 - cached property: parses the ONNX file
         parts["proto"].append(t.s)
         with c.Clock() as t:
-            spec = plan_spec(src, sess.get_inputs(), sess.get_outputs(), options)
-        parts["plan_spec"].append(t.s)
+            found, _ = Planner(ModelSource(model.path), options, Cache(root)).decide(signature)
+        parts["decide"].append(t.s)
+        if not found.recorded or found.npu_parts[0].key != key:
+            raise RuntimeError("the warmed decision was not found")
         with c.Clock() as t:
-            k = blob_key(src, Cache(root), spec)
-        parts["key_warm"].append(t.s)
-        if k != key:
-            raise RuntimeError("the key changed between runs")
-        with c.Clock() as t:
-            entry = Cache(root).get(key)
+            entry = Cache(root).get(key)  # type: ignore[arg-type]
         parts["get"].append(t.s)
         if entry is None or entry.size != blob_size:
             raise RuntimeError("the warmed entry was not found")
-        # The same key in a cache that never saw the model (content hash not memoized).
+        # The same lookup in a cache that never saw the model (content hash not memoized).
         with c.Clock() as t:
-            k2 = blob_key(src, Cache(tmp / f"cold-{rep}"), spec)
+            cold = Planner(src, options, Cache(tmp / f"cold-{rep}")).model_hash
         parts["key_cold"].append(t.s)
-        if k2 != key:
-            raise RuntimeError("a fresh cache computed another key")
+        if not cold:
+            raise RuntimeError("no model hash")
     parts["blob_size"] = [blob_size]
     return parts
 
@@ -234,9 +229,9 @@ def main() -> None:
         ],
     ]
     P = {k: med(v) for k, v in o.items()}
-    rkort_rknn_parts = P["proto"] + P["plan_spec"] + P["key_warm"] + P["get"]
+    rkort_rknn_parts = P["decide"] + P["get"]
     warm_total = P["ort_session"] + rkort_rknn_parts
-    cold_total = P["ort_session"] + P["proto"] + P["plan_spec"] + P["key_cold"]
+    cold_total = P["ort_session"] + P["proto"] + P["key_cold"]
     open_rows = [
         ["onnxruntime `InferenceSession` (CPU)", c.ms(P["ort_session"]), "1.00x"],
         [
@@ -250,14 +245,9 @@ def main() -> None:
             c.ratio(P["proto"], P["ort_session"]),
         ],
         [
-            "rkort RKNN: `plan_spec`",
-            c.ms(P["plan_spec"]),
-            c.ratio(P["plan_spec"], P["ort_session"]),
-        ],
-        [
-            "rkort RKNN: `blob_key` (memoized model hash + key)",
-            c.ms(P["key_warm"]),
-            c.ratio(P["key_warm"], P["ort_session"]),
+            "rkort RKNN: `Planner.decide` (memoized model hash + the program record)",
+            c.ms(P["decide"]),
+            c.ratio(P["decide"], P["ort_session"]),
         ],
         [
             f"rkort RKNN: `Cache.get` (verifies the {c.mib(P['blob_size'])} MiB blob's sha256)",
@@ -265,7 +255,7 @@ def main() -> None:
             c.ratio(P["get"], P["ort_session"]),
         ],
         [
-            "**warmed-cache open before the backend starts** (ORT + proto + plan + key + get)",
+            "**warmed-cache open before the backend starts** (ORT + decide + get; no graph read)",
             c.ms(warm_total),
             c.ratio(warm_total, P["ort_session"]),
         ],
@@ -273,23 +263,15 @@ def main() -> None:
     warm_cold_rows = [
         ["model hash (first `content_hash`)", c.ms(cm), c.ms(w), c.ratio(w, cm)],
         [
-            "`blob_key`",
-            c.ms(P["key_cold"]),
-            c.ms(P["key_warm"]),
-            c.ratio(P["key_warm"], P["key_cold"]),
+            "finding the blob's key: cold = graph + model hash (then planning and a build); "
+            "warm = `Planner.decide` from the record",
+            c.ms(P["proto"] + P["key_cold"]),
+            c.ms(P["decide"]),
+            c.ratio(P["decide"], P["proto"] + P["key_cold"]),
         ],
         [
-            "rkort's key computation incl. reading the graph (proto + plan_spec + blob_key)",
-            c.ms(P["proto"] + P["plan_spec"] + P["key_cold"]),
-            c.ms(P["proto"] + P["plan_spec"] + P["key_warm"]),
-            c.ratio(
-                P["proto"] + P["plan_spec"] + P["key_warm"],
-                P["proto"] + P["plan_spec"] + P["key_cold"],
-            ),
-        ],
-        [
-            "open up to the backend: cold = ORT + proto + plan + key (then a build); "
-            "warm = the same + `Cache.get`",
+            "open up to the backend: cold = ORT + proto + hash (then planning and a build); "
+            "warm = ORT + decide + `Cache.get`",
             c.ms(cold_total),
             c.ms(warm_total),
             c.ratio(warm_total, cold_total),

@@ -104,6 +104,14 @@ def _npu_runners(sess: Any) -> tuple[list[Any], int]:
         return [single], 0
     runners: list[Any] = []
     cpu = 0
+    for value in getattr(engine, "_programs", {}).values():
+        for seg in getattr(value, "segments", ()):
+            if getattr(seg, "runner", None) is not None:
+                runners.append(seg.runner)
+            else:
+                cpu += 1
+    if runners or cpu:
+        return runners, cpu
     for value in getattr(engine, "_runners", {}).values():
         item = value[0] if isinstance(value, tuple) else value
         program = getattr(item, "program", None)

@@ -1,3 +1,5 @@
+"""``python -m rkort``: the ``rkort`` command."""
+
 import sys
 
 from .cli import main

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from .errors import InvalidArgument, ort_error
+from .shapes import symbolic_output_dims
 
 log = logging.getLogger("rkort")
 
@@ -133,7 +134,7 @@ class ShapePolicy:
         if all(isinstance(d, int) or d in symbols for dims in self.output_dims for d in dims):
             return
         try:
-            inferred = _symbolic_output_dims(model)
+            inferred = symbolic_output_dims(model)
         except Exception:  # noqa: BLE001 - inference is best effort; untraced dims disable padding
             log.debug("symbolic shape inference failed", exc_info=True)
             return
@@ -275,20 +276,6 @@ class ShapePolicy:
         return joined
 
 
-def parse_buckets(text: str, what: str) -> tuple[int, ...]:
-    """ "16,32,64" -> (16, 32, 64); raises InvalidArgument naming the option."""
-    try:
-        values = tuple(sorted({int(v) for v in text.replace(" ", "").split(",") if v}))
-    except ValueError:
-        values = ()
-    if not values or values[0] < 1:
-        raise ort_error(
-            InvalidArgument,
-            f"RKNNExecutionProvider option {what}={text!r} is invalid: expected positive integers, e.g. 16,32,64",
-        )
-    return values
-
-
 def _is_mask(name: str) -> bool:
     low = name.lower()
     return any(m == low or low.endswith(m) for m in _MASK_NAMES)
@@ -308,29 +295,6 @@ def _max_positions(model: onnx.ModelProto) -> int | None:
         if "position_embedding" in t.name.lower() and len(t.dims) == 2:
             return int(t.dims[0])
     return None
-
-
-def _symbolic_output_dims(model: onnx.ModelProto) -> list[list[Dim] | None]:
-    from .shapes import _copy_without_weights
-
-    inferred = onnx.shape_inference.infer_shapes(_copy_without_weights(model), strict_mode=False)
-    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    result: list[list[Dim] | None] = []
-    for out in model.graph.output:
-        vi = known.get(out.name)
-        if vi is None or not vi.type.tensor_type.HasField("shape"):
-            result.append(None)
-            continue
-        dims: list[Dim] = []
-        for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param") and not d.dim_param.startswith("unk__"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        result.append(dims)
-    return result
 
 
 def waste(lengths: Sequence[int], buckets: Sequence[int]) -> float:

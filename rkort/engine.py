@@ -1,14 +1,12 @@
-"""The RKNN side of a session: compile a model's static signature through the cache and run it
-on the backend this machine has (board NPU, adb board, or the host simulator)."""
+"""The RKNN side of a session: inputs padded to a bucket signature, one program per signature
+(decided by the planner, its blobs through the cache, run on the backend this machine has),
+outputs sliced back."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
-import tempfile
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -17,38 +15,24 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Runner, RunnerClosed
+from . import backends
+from .backends.base import Opening, Runner, RunnerClosed
 from .buckets import Oversize, ShapePolicy
-from .cache import Cache, Entry, make_key
-from .compiler import BuildSpec, compile_blob, toolkit_version
-from .errors import InvalidArgument, ort_error
+from .cache import Cache, Entry
+from .compiler import compile_blob
+from .decision import Decision, Part
+from .errors import InvalidArgument, Unsupported, ort_error
 from .feed import cast_output, dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
-from .platform import is_board, toolkit_lite_version
+from .planner import Planner
+from .platform import toolkit_lite_version, toolkit_version
 from .program import Program
-from .shapes import infer_output_shapes
+from .spec import BuildSpec
 
 log = logging.getLogger("rkort")
 
-
-class Unsupported(Exception):
-    """RKNN cannot run this model (the session falls back to the next provider, or raises)."""
-
-
-def choose_backend(options: RKNNOptions) -> str:
-    """Which backend runs blobs here: 'adb' when a device is named, 'board' on a Rockchip board
-    with rknn-toolkit-lite2, else 'simulator' on a host with rknn-toolkit2."""
-    if options.device_id:
-        return "adb"
-    if is_board() and importlib.util.find_spec("rknnlite") is not None:
-        return "board"
-    if importlib.util.find_spec("rknn") is not None:
-        return "simulator"
-    raise Unsupported(
-        "neither rknn-toolkit-lite2 (on a board) nor rknn-toolkit2 (the converter and its simulator) "
-        "is installed; install rkort[board] on a board or rkort[compile] on a host"
-    )
+Signature = tuple[tuple[int, ...], ...]
 
 
 def runtime_version() -> str:
@@ -56,79 +40,8 @@ def runtime_version() -> str:
     return toolkit_version() or toolkit_lite_version() or "unknown"
 
 
-def plan_spec(
-    model: ModelSource,
-    inputs: Sequence[Any],
-    outputs: Sequence[Any],
-    options: RKNNOptions,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-) -> BuildSpec:
-    """The BuildSpec for a model with the given static input shapes (``shapes`` fixes dynamic
-    dims; without it every input must be static). Output shapes follow by shape inference."""
-    shapes = dict(shapes or {})
-    unknown = set(shapes) - {i.name for i in inputs}
-    if unknown:
-        raise ValueError(
-            f"no input named {sorted(unknown)}; the inputs are {[i.name for i in inputs]}"
-        )
-    input_shapes = tuple(_static_shape(i, shapes.get(i.name)) for i in inputs)
-    # Output dims named after input dims take those sizes; only the rest needs inference.
-    sizes: dict[Any, int] = {}
-    for i, shape in zip(inputs, input_shapes):
-        for d, n in zip(i.shape, shape):
-            if isinstance(d, str):
-                sizes[d] = n
-    output_shapes: list[tuple[int, ...] | None] = [
-        tuple(d if isinstance(d, int) else sizes[d] for d in o.shape)
-        if all(isinstance(d, int) or d in sizes for d in o.shape)
-        else None
-        for o in outputs
-    ]
-    if None in output_shapes:
-        named = dict(zip((i.name for i in inputs), input_shapes))
-        inferred = infer_output_shapes(model.proto, named)
-        output_shapes = [s or inferred.get(o.name) for s, o in zip(output_shapes, outputs)]
-    if None in output_shapes:
-        probed = _probe_output_shapes(model, inputs, input_shapes)
-        output_shapes = [s or p for s, p in zip(output_shapes, probed)]
-    return BuildSpec(
-        model_path=str(model.path),
-        input_names=tuple(i.name for i in inputs),
-        input_shapes=input_shapes,
-        input_dtypes=tuple(_tensor_dtype(i).name for i in inputs),
-        output_names=tuple(o.name for o in outputs),
-        output_shapes=tuple(s for s in output_shapes if s is not None),
-        output_dtypes=tuple(_tensor_dtype(o).name for o in outputs),
-        target=options.target,
-        quantized_dtype=options.quantized_dtype,
-        dataset=options.dataset,
-        optimization_level=options.optimization_level,
-    )
-
-
-def _probe_output_shapes(
-    model: ModelSource, inputs: Sequence[Any], input_shapes: Sequence[tuple[int, ...]]
-) -> list[tuple[int, ...]]:
-    """Output shapes for static inputs, read off one onnxruntime run on zeros: the last resort
-    when neither the declared names nor ONNX shape inference tell them."""
-    import onnxruntime
-
-    source = model.path if model.path.exists() else model.proto.SerializeToString()
-    sess = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
-    feed = {i.name: np.zeros(s, _tensor_dtype(i)) for i, s in zip(inputs, input_shapes)}
-    return [tuple(o.shape) for o in sess.run(None, feed)]
-
-
-def blob_key(model: ModelSource, cache: Cache, spec: BuildSpec) -> str:
-    """The cache key of one compiled blob: model content, the spec, and the toolchain version
-    (and, for one segment of a model, the segment: its file name carries a digest of it)."""
-    parts = {"model": model.content_hash(cache), "toolkit": runtime_version(), **spec.key_parts()}
-    if Path(spec.model_path) != model.path:
-        parts["segment"] = Path(spec.model_path).name
-    return make_key(parts)
-
-
-def _meta(model: ModelSource, spec: BuildSpec) -> dict[str, Any]:
+def blob_meta(model: ModelSource, spec: BuildSpec) -> dict[str, Any]:
+    """What a cache entry says about the blob it holds."""
     return {
         "model": str(model.path),
         "target": spec.target,
@@ -139,64 +52,23 @@ def _meta(model: ModelSource, spec: BuildSpec) -> dict[str, Any]:
 
 
 def compile_to_cache(
-    model: ModelSource, spec: BuildSpec, cache: Cache, progress: bool | None = None
+    planner: Planner, decision: Decision, part: Part, progress: bool | None = None
 ) -> tuple[Entry, bool]:
-    """Make sure the blob for ``spec`` is in the cache; True when this call compiled it."""
-    return cache.get_or_build(
-        blob_key(model, cache, spec),
+    """Make sure the blob of an NPU part is in the cache; True when this call compiled it."""
+    assert part.spec is not None and part.key is not None
+    planner.ensure_file(decision, part)
+    spec = part.spec
+    return planner.cache.get_or_build(
+        part.key,
         lambda dest: compile_blob(spec, dest, progress=progress),
-        _meta(model, spec),
-    )
-
-
-def bucket_specs(
-    model: ModelSource,
-    inputs: Sequence[Any],
-    outputs: Sequence[Any],
-    options: RKNNOptions,
-    policy: ShapePolicy | None = None,
-) -> list[BuildSpec]:
-    """The blobs a session with these options compiles for every bucket (one multi-shape spec in
-    ``shape_mode=dynamic``); empty when some dim is compiled per observed size."""
-    policy = policy or make_policy(model, inputs, outputs, options)
-    signatures = policy.signatures()
-    if not signatures:
-        return []
-    names = [i.name for i in inputs]
-    specs = [
-        plan_spec(model, inputs, outputs, options, dict(zip(names, sig))) for sig in signatures
-    ]
-    if options.shape_mode == "dynamic" and len(specs) > 1:
-        return [replace(specs[-1], dynamic_input=tuple(signatures))]
-    return specs
-
-
-def make_program(
-    model: ModelSource,
-    directory: str | Path,
-    shapes: Mapping[str, Sequence[int]],
-    open_npu: Any,
-    options: RKNNOptions,
-) -> Program:
-    """The segmented program a session runs for one input signature (warmup plans the same)."""
-    return Program(
-        model.proto,
-        directory,
-        shapes,
-        None,
-        open_npu,
-        model_path=model.path,
-        target=options.target,
-        quantized_dtype=options.quantized_dtype,
-        dataset=options.dataset,
-        optimization_level=options.optimization_level,
-        force_cpu=[*options.cpu_ops, *options.cpu_nodes],
+        blob_meta(planner.source, spec),
     )
 
 
 def make_policy(
     model: ModelSource, inputs: Sequence[Any], outputs: Sequence[Any], options: RKNNOptions
 ) -> ShapePolicy:
+    """The shape rules a session with these options follows (which dims pad to which buckets)."""
     return ShapePolicy(
         model,
         inputs,
@@ -208,36 +80,28 @@ def make_policy(
     )
 
 
-class _Compiled:
-    """What runs one input signature: a Program (NPU and CPU segments), or a runner of one
-    multi-shape blob together with the output shapes of that signature."""
-
-    def __init__(
-        self,
-        program: Program | None = None,
-        runner: Runner | None = None,
-        output_shapes: tuple[tuple[int, ...], ...] = (),
-    ) -> None:
-        self.program = program
-        self.runner = runner
-        self.output_shapes = output_shapes
-
-    def run(self, arrays: list[np.ndarray], on_segment: Any = None) -> list[np.ndarray]:
-        if self.program is not None:
-            return self.program.run(arrays, on_segment)
-        assert self.runner is not None
-        return self.runner.run(arrays, self.output_shapes)
-
-    def close(self) -> None:
-        if self.program is not None:
-            self.program.close()
-        if self.runner is not None:
-            self.runner.close()
+def multi_shape_part(
+    planner: Planner, signatures: Sequence[Mapping[str, Sequence[int]]]
+) -> Part | None:
+    """One NPU part holding every signature (``shape_mode=dynamic``: the toolkit's
+    ``dynamic_input``), or None when the placement keeps part of the model off the NPU for some
+    signature (then one blob per bucket runs the same placement instead)."""
+    decisions = [planner.decide(sig)[0] for sig in signatures]
+    if not all(len(d.parts) == 1 and d.parts[0].source != "segment" for d in decisions):
+        log.info(
+            "shape_mode=dynamic: part of %s runs on the CPU, so each bucket gets a blob of its own",
+            planner.source.path.name,
+        )
+        return None
+    last = decisions[-1].parts[0]
+    assert last.spec is not None
+    spec = replace(last.spec, dynamic_input=tuple(d.parts[0].spec.input_shapes for d in decisions))  # type: ignore[union-attr]
+    return replace(last, spec=spec, key=planner.blob_key(spec, last.source, last.nodes))
 
 
 class RKNNEngine:
-    """Runs a model on RKNN: inputs padded to a bucket signature, one compiled blob (and one open
-    runner, at most ``max_live_shapes`` of them) per signature, outputs sliced back."""
+    """Runs a model on RKNN: inputs padded to a bucket signature, one program (and its open
+    runners, for at most ``max_live_shapes`` signatures) per signature, outputs sliced back."""
 
     def __init__(
         self,
@@ -245,111 +109,137 @@ class RKNNEngine:
         inputs: Sequence[Any],
         outputs: Sequence[Any],
         options: RKNNOptions,
+        sess_options: Any = None,
     ) -> None:
         self.options = options
         for arg in [*inputs, *outputs]:
             _tensor_dtype(arg)
-        self.backend = choose_backend(options)
+        self.backend = backends.choose(options)
         self.cache = Cache(options.cache_dir)
         self._model = model
-        self._inputs = list(inputs)
-        self._outputs = list(outputs)
+        self._sess_options = sess_options
+        self.planner = Planner(model, options, self.cache)
         self.input_names = tuple(i.name for i in inputs)
         self.output_names = tuple(o.name for o in outputs)
         self.output_dtypes = tuple(_tensor_dtype(o) for o in outputs)
         self.policy = make_policy(model, inputs, outputs, options)
         self._fp16 = options.quantized_dtype is None
-        #: Every signature a runner was opened for, in order (a compile or a cache load each).
-        self.opened: list[tuple[tuple[int, ...], ...]] = []
-        self._runners: OrderedDict[tuple[tuple[int, ...], ...], _Compiled] = OrderedDict()
-        self._segment_dir = Path(tempfile.mkdtemp(prefix="rkort-segments-"))
-        weakref.finalize(self, shutil.rmtree, str(self._segment_dir), True)
+        #: Every signature a program was opened for, in order (a compile or a cache load each).
+        self.opened: list[Signature] = []
+        self._programs: OrderedDict[Signature, Program] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
-        # Open one signature now, so a model RKNN cannot build falls back when the session opens.
+        # Open one signature now, so a model RKNN cannot run falls back when the session opens.
         signatures = self.policy.signatures()
         if options.shape_mode == "dynamic" and len(signatures) > 1:
-            spec = bucket_specs(model, inputs, outputs, options, self.policy)[0]
-            runner = self._open(spec)
-            shared = _Shared(runner)
-            for sig in signatures:
-                self._runners[sig] = _Compiled(
-                    runner=shared, output_shapes=self._spec_for(sig).output_shapes
-                )
-            self.opened.append(spec.input_shapes)
-        elif signatures:
-            first = self._runner_for(signatures[0])
-            if first.program is not None and not first.program.npu_segments:
+            self._open_multi_shape(signatures)
+        if signatures and not self._programs:
+            first = self._program_for(signatures[0])
+            if not first.npu_segments:
                 self.close()
-                reasons = sorted({p.reason for p in first.program.placements if p.device != "npu"})
                 raise Unsupported(
-                    f"no part of this model can run on the NPU for {options.target}: {'; '.join(reasons[:5])}"
+                    f"no part of this model can run on the NPU for {options.target}: "
+                    f"{'; '.join(first.decision.cpu_reasons[:5])}"
                 )
 
-    def _spec_for(self, signature: tuple[tuple[int, ...], ...]) -> BuildSpec:
-        shapes = dict(zip(self.input_names, signature)) if not self.policy.static else None
-        return plan_spec(self._model, self._inputs, self._outputs, self.options, shapes)
+    # -- programs --
 
-    def _runner_for(self, signature: tuple[tuple[int, ...], ...]) -> _Compiled:
+    def _named(self, signature: Signature) -> dict[str, tuple[int, ...]]:
+        return dict(zip(self.input_names, signature))
+
+    def _program_for(self, signature: Signature) -> Program:
         with self._lock:
             if self._closed:
                 raise RunnerClosed("this session's RKNN engine is closed")
-            found = self._runners.get(signature)
+            found = self._programs.get(signature)
             if found is not None:
-                self._runners.move_to_end(signature)
+                self._programs.move_to_end(signature)
                 return found
-            program = make_program(
-                self._model,
-                self._segment_dir,
-                dict(zip(self.input_names, signature)),
-                self._open,
-                self.options,
+            build = self._build if self._can_build() else None
+            decision, handles = self.planner.decide(self._named(signature), build)
+
+            def open_npu(part: Part) -> Runner:
+                handle = handles.pop(part.key or "", None)
+                return handle if handle is not None else self._open(decision, part)
+
+            constants = (
+                self.planner.files(dict(decision.signature)).constants(decision.constant_outputs)
+                if decision.constant_outputs
+                else {}
             )
-            compiled = _Compiled(program=program)
+            program = Program(decision, open_npu, lambda part: self._cpu(decision, part), constants)
             self.opened.append(signature)
-            self._runners[signature] = compiled
-            while len(self._runners) > self.options.max_live_shapes:
-                _, old = self._runners.popitem(last=False)
-                log.info(
-                    "closing the least recently used compiled shape of %s", self._model.path.name
-                )
-                old.close()
-            return compiled
+            self._remember(signature, program)
+            return program
 
-    def _open(self, spec: BuildSpec) -> Runner:
-        progress = self.options.progress
-        if self.backend == "simulator":
-            from .backends.simulator import open_simulator
+    def _remember(self, signature: Signature, program: Program) -> None:
+        self._programs[signature] = program
+        while len(self._programs) > self.options.max_live_shapes:
+            old_sig, old = self._programs.popitem(last=False)
+            log.info("closing the least recently used compiled shape of %s", self._model.path.name)
+            old.close()
+            self.planner.forget(self._named(old_sig))
 
+    def _open_multi_shape(self, signatures: list[Signature]) -> None:
+        part = multi_shape_part(self.planner, [self._named(s) for s in signatures])
+        if part is None:
+            return
+        decision = self.planner.decide(self._named(signatures[-1]))[0]
+        runner = _Shared(self._open(decision, part))
+        for sig in signatures:
+            one = self.planner.decide(self._named(sig))[0]
+            shaped = _Shaped(runner, one.parts[0].spec.output_shapes)  # type: ignore[union-attr]
+            self._programs[sig] = Program(one, _Always(shaped), self._no_cpu)
+        self.opened.append(part.spec.input_shapes)  # type: ignore[union-attr]
+
+    def _can_build(self) -> bool:
+        return self.backend.builds or toolkit_version() is not None
+
+    def _build(self, part: Part) -> Runner:
+        """A trial build of an NPU part that also opens it (through the cache)."""
+        assert part.spec is not None and part.key is not None
+        spec, progress = part.spec, self.options.progress
+        if self.backend.builds:
             # The simulator runs only what it built in-process, so one build both fills the
             # cache (for boards and `rkort warmup`) and serves this session.
-            built_runner: list[Runner] = []
+            built: list[Runner] = []
 
             def build(dest: Path) -> dict[str, Any]:
-                built_runner.append(open_simulator(spec, export_to=dest, progress=progress))
+                built.append(self.backend.open(Opening(spec, export_to=dest, progress=progress)))
                 return {}
 
-            entry, built = self.cache.get_or_build(
-                blob_key(self._model, self.cache, spec), build, _meta(self._model, spec)
-            )
-            _log_entry(entry, built, spec)
+            entry, made = self.cache.get_or_build(part.key, build, blob_meta(self._model, spec))
+            _log_entry(entry, made, spec)
             _discard_ephemeral(entry)
-            if built_runner:
-                return built_runner[0]
-            return open_simulator(spec, progress=progress)
-
-        entry, built = compile_to_cache(self._model, spec, self.cache, progress)
-        _log_entry(entry, built, spec)
+            return built[0] if built else self.backend.open(Opening(spec, progress=progress))
+        entry, made = self.cache.get_or_build(
+            part.key,
+            lambda dest: compile_blob(spec, dest, progress=progress),
+            blob_meta(self._model, spec),
+        )
+        _log_entry(entry, made, spec)
         try:
-            if self.backend == "board":
-                from .backends.board import open_board
-
-                return open_board(entry.blob_path, spec, self.options.core_mask)
-            from .backends.adb import open_adb
-
-            return open_adb(entry.blob_path, spec, spec.target, self.options.device_id)
+            return self.backend.open(Opening(spec, blob=entry.blob_path, options=self.options))
         finally:
             _discard_ephemeral(entry)  # the runtime holds the blob once it is open
+
+    def _open(self, decision: Decision, part: Part) -> Runner:
+        """Open an NPU part no trial build opened (its decision came from the cache's record)."""
+        self.planner.ensure_file(decision, part)
+        return self._build(part)
+
+    def _cpu(self, decision: Decision, part: Part) -> tuple[Any, Path]:
+        # onnxruntime's own class, even when rkort.install() has put rkort's in its place.
+        from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
+
+        path = self.planner.cpu_file(decision, part)
+        return InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
+
+    @staticmethod
+    def _no_cpu(part: Part) -> tuple[Any, Path]:
+        raise AssertionError("a multi-shape program has no CPU part")
+
+    # -- running --
 
     def run(
         self,
@@ -375,14 +265,14 @@ class RKNNEngine:
         if profile is not None:
             profile["signature"] = [list(s) for s in plan.signature]
             profile["chunks"] = len(plan.chunks)
-            profile["backend"] = self.backend
+            profile["backend"] = self.backend.name
         for attempt in range(2):
-            compiled = self._runner_for(plan.signature)
+            program = self._program_for(plan.signature)
             try:
                 parts = []
                 for chunk in plan.chunks:
                     padded = self.policy.pad(arrays, plan, chunk)
-                    outs = compiled.run([np.ascontiguousarray(a) for a in padded], on_segment)
+                    outs = program.run([np.ascontiguousarray(a) for a in padded], on_segment)
                     parts.append(
                         self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
                     )
@@ -395,10 +285,11 @@ class RKNNEngine:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            units = list(self._runners.values())
-            self._runners.clear()
-        for unit in units:
-            unit.close()
+            programs = list(self._programs.values())
+            self._programs.clear()
+        for program in programs:
+            program.close()
+        self.planner.close()
 
 
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -432,6 +323,38 @@ class _Shared(Runner):
         self._inner.close()
 
 
+class _Shaped(Runner):
+    """The shared multi-shape runner seen by one signature: its outputs take that signature's
+    shapes; closing it leaves the shared runner open."""
+
+    def __init__(self, shared: _Shared, output_shapes: tuple[tuple[int, ...], ...]) -> None:
+        super().__init__(shared.spec)
+        self.name = shared.name
+        self._shared = shared
+        self._shapes = output_shapes
+
+    def run(
+        self, inputs: Sequence[np.ndarray], output_shapes: Sequence[tuple[int, ...]] | None = None
+    ) -> list[np.ndarray]:
+        return self._shared.run(inputs, output_shapes or self._shapes)
+
+    def _run(self, inputs: list[np.ndarray]) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+
+class _Always:
+    """An ``open_npu`` that gives every part the same runner."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def __call__(self, part: Part) -> Runner:
+        return self.runner
+
+
 def _log_entry(entry: Entry, built: bool, spec: BuildSpec) -> None:
     shapes = ", ".join(f"{n}={list(s)}" for n, s in zip(spec.input_names, spec.input_shapes))
     if built:
@@ -450,22 +373,3 @@ def _tensor_dtype(arg: Any) -> np.dtype:
     if dt is None:
         raise Unsupported(f"{arg.name!r} is of type {arg.type}, which the NPU cannot take")
     return dt
-
-
-def _static_shape(arg: Any, given: Sequence[int] | None = None) -> tuple[int, ...]:
-    if given is not None:
-        given = tuple(int(d) for d in given)
-        fixed_ok = len(given) == len(arg.shape) and all(
-            not isinstance(d, int) or d == g for d, g in zip(arg.shape, given)
-        )
-        if not fixed_ok:
-            raise ValueError(
-                f"shape {list(given)} does not fit input {arg.name!r} of shape {arg.shape}"
-            )
-        return given
-    if not all(isinstance(d, int) for d in arg.shape):
-        raise Unsupported(
-            f"{arg.name!r} has dynamic shape {arg.shape}; the NPU needs static shapes "
-            "(export the model with fixed shapes)"
-        )
-    return tuple(arg.shape)

@@ -52,6 +52,15 @@ class ModelSource:
         return cache.content_hash(self.path, self.external_files)
 
     @property
+    def from_bytes(self) -> bool:
+        """True for a model given as bytes (its file is a private temporary copy)."""
+        return self._bytes is not None
+
+    def onnxruntime_source(self) -> str | bytes:
+        """What to give onnxruntime to load this model (bytes for a model given as bytes)."""
+        return self._bytes if self._bytes is not None else str(self.path)
+
+    @property
     def opset(self) -> int:
         for imp in self.proto.opset_import:
             if imp.domain in ("", "ai.onnx"):

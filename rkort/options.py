@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgument, ort_error
+from .platform import SUPPORTED_TARGETS, default_target
 
 PROVIDER = "RKNNExecutionProvider"
 ALIASES = ("RKNN", "RKNNExecutionProvider")
@@ -94,8 +95,6 @@ class RKNNOptions:
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> RKNNOptions:
         """Validate onnxruntime-normalized options; unknown keys and bad values raise InvalidArgument."""
-        from .platform import SUPPORTED_TARGETS, default_target
-
         raw = {str(k): str(v) for k, v in options.items()}
         unknown = sorted(set(raw) - set(KNOWN))
         if unknown:
@@ -139,8 +138,6 @@ class RKNNOptions:
                 level = -1
             if level not in (0, 1, 2, 3):
                 raise _bad("optimization_level", raw["optimization_level"], "expected 0, 1, 2 or 3")
-        from .buckets import parse_buckets
-
         pad_values: dict[str, float] = {}
         for item in filter(None, raw.get("pad_values", "").replace(" ", "").split(",")):
             name, sep, value = item.partition("=")
@@ -189,3 +186,17 @@ class RKNNOptions:
             progress=_flag("progress", raw["progress"]) if "progress" in raw else None,
             raw=raw,
         )
+
+
+def parse_buckets(text: str, what: str) -> tuple[int, ...]:
+    """ "16,32,64" -> (16, 32, 64); raises InvalidArgument naming the option."""
+    try:
+        values = tuple(sorted({int(v) for v in text.replace(" ", "").split(",") if v}))
+    except ValueError:
+        values = ()
+    if not values or values[0] < 1:
+        raise ort_error(
+            InvalidArgument,
+            f"RKNNExecutionProvider option {what}={text!r} is invalid: expected positive integers, e.g. 16,32,64",
+        )
+    return values

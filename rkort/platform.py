@@ -1,4 +1,5 @@
-"""What this machine is: a Rockchip board (which SoC, which NPU driver and runtime) or a host.
+"""What this machine is: a Rockchip board (which SoC, which NPU driver and runtime) or a host, and
+which RKNN packages this Python can use.
 
 Everything here reads files or package metadata; nothing imports the toolkit or starts a process.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 import mmap
 import re
 from pathlib import Path
@@ -131,3 +133,22 @@ def toolkit_lite_version() -> str | None:
         return importlib.metadata.version("rknn-toolkit-lite2")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def toolkit_version() -> str | None:
+    """The rknn-toolkit2 (the converter and its simulator) this Python can import, or None.
+
+    A distribution whose package cannot be imported here (removed, or kept out of this process)
+    counts as absent: what matters is whether a compile can run.
+    """
+    if importlib.util.find_spec("rknn") is None:
+        return None
+    try:
+        return importlib.metadata.version("rknn-toolkit2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def board_runtime_importable() -> bool:
+    """True when rknn-toolkit-lite2's ``rknnlite`` package can be imported here."""
+    return importlib.util.find_spec("rknnlite") is not None

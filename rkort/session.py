@@ -11,24 +11,38 @@ from __future__ import annotations
 import collections.abc
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as _ort
 
 from .backends.base import RunnerDied, RunnerError
-from .compiler import CompileError
-from .engine import RKNNEngine, Unsupported
-from .errors import EPFail, ort_error
-from .feed import output_indices, prepare
-from .integrations.defaults import effective_providers
+from .engine import RKNNEngine
+from .errors import EPFail, Unsupported, ort_error
+from .feed import dtype_of, output_indices, prepare
 from .model import ModelSource
 from .options import ALIASES, PROVIDER, RKNNOptions
 from .profiling import Profiler
+from .spec import CompileError
 
 log = logging.getLogger("rkort")
 
-ProviderList = Sequence[Any] | None
+ProviderList = Optional[Sequence[Any]]
+#: ``policy(providers, provider_options, model_path=..., sess_options=...)`` -> the providers and
+#: options a session really uses; an integration that installs rkort into other people's code
+#: sets it (see :func:`set_provider_policy`).
+ProviderPolicy = Callable[..., tuple[ProviderList, Optional[Sequence[dict[Any, Any]]]]]
+_provider_policy: ProviderPolicy | None = None
+
+
+def set_provider_policy(policy: ProviderPolicy | None) -> None:
+    """Have every session pass its providers through ``policy`` first (None: as given).
+
+    ``rkort.install()`` sets the ``RKORT_AUTO`` rule here; a session class never applies a policy
+    of its own.
+    """
+    global _provider_policy
+    _provider_policy = policy
 
 
 def split_providers(
@@ -106,12 +120,13 @@ class InferenceSession(_ort.InferenceSession):
     # onnxruntime's __init__ and set_providers() both come through here.
     def _create_inference_session(self, providers, provider_options, disabled_optimizers=None):  # type: ignore[no-untyped-def]
         self._close_rknn()
-        providers, provider_options = effective_providers(
-            providers,
-            provider_options,
-            model_path=self._model_path,
-            sess_options=self._sess_options,
-        )
+        if _provider_policy is not None:
+            providers, provider_options = _provider_policy(
+                providers,
+                provider_options,
+                model_path=self._model_path,
+                sess_options=self._sess_options,
+            )
         rknn_options, rest, rest_options = split_providers(providers, provider_options)
         options = RKNNOptions.parse(rknn_options) if rknn_options is not None else None
         super()._create_inference_session(rest, rest_options, disabled_optimizers)
@@ -213,8 +228,6 @@ class InferenceSession(_ort.InferenceSession):
         return path
 
     def _input_signature(self) -> tuple[list[np.dtype], list[list[Any]]]:
-        from .feed import dtype_of
-
         metas = self._inputs_meta
         return [dtype_of(m.type) for m in metas], [m.shape for m in metas]  # type: ignore[misc]
 

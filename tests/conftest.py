@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 import rkort
 
 RKNN = "RKNNExecutionProvider"
 
+# Nothing a test does lands in the user's own cache: tests that need a cache of their own say so
+# (the cache_dir fixture), the rest share one private to this test run.
+os.environ["RKORT_CACHE_DIR"] = tempfile.mkdtemp(prefix="rkort-test-cache-")
+
 needs_rknn = pytest.mark.skipif(
-    RKNN not in rkort.get_available_providers(), reason="no RKNN backend (toolkit or board runtime) here"
+    RKNN not in rkort.get_available_providers(),
+    reason="no RKNN backend (toolkit or board runtime) here",
 )
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rkort.spec import BuildSpec
+
 OPSET = 17
 
 
@@ -31,6 +33,21 @@ class TestModel:
     output_shapes: tuple[tuple[int, ...], ...]
     output_dtypes: tuple[str, ...]
     make_feed: Callable[[int], list[np.ndarray]]
+
+
+def spec_of(model: TestModel, **overrides: object) -> BuildSpec:
+    """The BuildSpec of a whole test model (its declared static signature), with overrides."""
+    fields: dict[str, object] = dict(
+        model_path=str(model.path),
+        input_names=model.input_names,
+        input_shapes=model.input_shapes,
+        input_dtypes=model.input_dtypes,
+        output_names=model.output_names,
+        output_shapes=model.output_shapes,
+        output_dtypes=model.output_dtypes,
+    )
+    fields.update(overrides)
+    return BuildSpec(**fields)  # type: ignore[arg-type]
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:

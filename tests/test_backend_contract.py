@@ -35,16 +35,7 @@ WHY_NOT = {
 
 
 def spec_of(model: models.TestModel, target: str) -> BuildSpec:
-    return BuildSpec(
-        model_path=str(model.path),
-        input_names=model.input_names,
-        input_shapes=model.input_shapes,
-        input_dtypes=model.input_dtypes,
-        output_names=model.output_names,
-        output_shapes=model.output_shapes,
-        output_dtypes=model.output_dtypes,
-        target=target,
-    )
+    return models.spec_of(model, target=target)
 
 
 def target_for(backend: str) -> str:

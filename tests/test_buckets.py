@@ -166,10 +166,8 @@ def test_empty_inputs_behave_as_onnxruntime(tmp_path) -> None:  # type: ignore[n
             np.testing.assert_array_equal(a[1][0], b[1][0])
 
 
-def test_user_pad_values_and_multi_shape_blob(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = export_encoder("roberta", tmp_path, max_len=MAX, vocab=40000)
-    ref = ort.InferenceSession(str(path))
-    sess = rkort.InferenceSession(
+def _dynamic_session(path, tmp_path):  # type: ignore[no-untyped-def]
+    return rkort.InferenceSession(
         path,
         providers=[
             (
@@ -184,7 +182,9 @@ def test_user_pad_values_and_multi_shape_blob(tmp_path) -> None:  # type: ignore
             )
         ],
     )
-    assert len(sess._rknn.opened) == 1  # one multi-shape blob for all four signatures
+
+
+def _check_lengths(sess, ref) -> None:  # type: ignore[no-untyped-def]
     for batch, length in [(1, 3), (2, 17), (1, 32)]:
         feed = _feed(
             ["input_ids", "attention_mask"],
@@ -198,7 +198,25 @@ def test_user_pad_values_and_multi_shape_blob(tmp_path) -> None:  # type: ignore
         if batch > 1:
             got[1, length // 2 :] = want[1, length // 2 :] = 0
         assert got.shape == want.shape and _cos(got, want) >= 0.9999
+
+
+def test_user_pad_values_and_multi_shape_blob(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = export_encoder("distilbert", tmp_path, max_len=MAX, vocab=40000)
+    sess = _dynamic_session(path, tmp_path)
+    assert len(sess._rknn.opened) == 1  # one multi-shape blob for all four signatures
+    _check_lengths(sess, ort.InferenceSession(str(path)))
     assert len(sess._rknn.opened) == 1
+
+
+def test_multi_shape_mode_keeps_the_placement(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """RoBERTa's CumSum (position ids) is missing from board runtimes: in shape_mode=dynamic it
+    stays on the CPU as in per-bucket mode, so each bucket gets a segmented program."""
+    path = export_encoder("roberta", tmp_path, max_len=MAX, vocab=40000)
+    sess = _dynamic_session(path, tmp_path)
+    program = next(iter(sess._rknn._programs.values()))
+    assert [s.device for s in program.segments][:2] == ["cpu", "npu"]
+    _check_lengths(sess, ort.InferenceSession(str(path)))
+    assert len(sess._rknn.opened) == 3  # three signatures, one program each
 
 
 def _dynamic_cnn(path) -> None:  # type: ignore[no-untyped-def]
@@ -240,7 +258,7 @@ def test_cnn_with_dynamic_height_and_width_compiles_exact_shapes(tmp_path) -> No
         assert _cos(got, want) >= 0.9999
     # 8x8 and 12x10 open; 8x8 is used again, so 5x7 evicts 12x10, which is then reopened
     assert [s[0][2:] for s in sess._rknn.opened] == [(8, 8), (12, 10), (5, 7), (12, 10)]
-    assert len(sess._rknn._runners) == 2
+    assert len(sess._rknn._programs) == 2
 
 
 def test_warmup_compiles_exactly_the_buckets_asked_for(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -24,7 +24,9 @@ import platformdirs
 import pytest
 
 from rkort import cache as cache_mod
+from rkort import files as files_mod
 from rkort.cache import FORMAT_VERSION, Cache, CacheError, Entry, default_cache_dir, make_key
+from rkort.cache import hashes as hashes_mod
 
 
 def _probe(trial: Callable[[Path], None]) -> bool:
@@ -56,15 +58,12 @@ KEY = make_key({"model": "tiny", "target": "rk3588"})
 OTHER_KEY = make_key({"model": "tiny", "target": "rk3576"})
 BLOB = b"RKNN" + bytes(range(256)) * 64
 
-# Children load the very cache.py under test by path: no other rkort module (nor onnxruntime) is
-# needed to exercise the cache across processes.
+# Children import the very cache under test from this checkout.
 CHILD_PRELUDE = textwrap.dedent(
     """
     import hashlib, importlib.util, json, os, sys, time
-    spec = importlib.util.spec_from_file_location("rkort_cache_child", sys.argv[1])
-    cache_mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = cache_mod
-    spec.loader.exec_module(cache_mod)
+    sys.path.insert(0, sys.argv[1])
+    import rkort.cache as cache_mod
     """
 )
 
@@ -89,7 +88,13 @@ def files_under(path: Path) -> list[str]:
 
 def run_child(script: str, *args: str, **popen: Any) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(script), cache_mod.__file__, *args],
+        [
+            sys.executable,
+            "-c",
+            CHILD_PRELUDE + textwrap.dedent(script),
+            str(Path(cache_mod.__file__).parents[2]),
+            *args,
+        ],
         **popen,
     )
 
@@ -129,19 +134,19 @@ def built(cache: Cache) -> Entry:
 @pytest.fixture
 def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
     # Files in a test are seconds old at most; the racy-file rule is tested on its own below.
-    monkeypatch.setattr(cache_mod, "_RACY_WINDOW_S", 0.0)
+    monkeypatch.setattr(hashes_mod, "_RACY_WINDOW_S", 0.0)
 
 
 @pytest.fixture
 def hash_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     reads: list[str] = []
-    real = cache_mod._sha256_file
+    real = files_mod.sha256_file
 
     def counting(path: str) -> Any:
         reads.append(path)
         return real(path)
 
-    monkeypatch.setattr(cache_mod, "_sha256_file", counting)
+    monkeypatch.setattr(files_mod, "sha256_file", counting)
     return reads
 
 

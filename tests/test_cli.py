@@ -17,7 +17,9 @@ from tests.conftest import RKNN, needs_rknn
 
 def rkort_cli(*args: str, cache: object, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RKORT_CACHE_DIR": str(cache)}
-    p = subprocess.run([sys.executable, "-m", "rkort", *args], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "rkort", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -39,7 +41,9 @@ def test_warmup_compiles_once_then_says_nothing_to_do(tmp_path) -> None:  # type
     listing = json.loads(rkort_cli("cache", "list", "--json", cache=cache).stdout)
     assert sorted(r["target"] for r in listing) == ["rk3566", "rk3588"]
     # A session for the same model, shapes and target finds the warmed entry.
-    s = rkort.InferenceSession(m.path, providers=[(RKNN, {"cache_dir": str(cache), "target": "rk3588"})])
+    s = rkort.InferenceSession(
+        m.path, providers=[(RKNN, {"cache_dir": str(cache), "target": "rk3588"})]
+    )
     assert s.get_providers()[0] == RKNN
     assert len(rkort.cache.Cache(cache).entries()) == 2
 
@@ -52,7 +56,9 @@ def test_warmup_of_a_dynamic_model_by_buckets_or_shape(tmp_path) -> None:  # typ
     path.write_bytes(dynamic_batch())
     cache = tmp_path / "cache"
     buckets = rkort_cli("warmup", str(path), "--batch-buckets", "1,2", cache=cache)
-    assert "2 compiled" in buckets.stdout and "X=1x4" in buckets.stdout and "X=2x4" in buckets.stdout
+    assert (
+        "2 compiled" in buckets.stdout and "X=1x4" in buckets.stdout and "X=2x4" in buckets.stdout
+    )
     ok = rkort_cli("warmup", str(path), "--shape", "X=8x4", cache=cache)
     assert "X=8x4" in ok.stdout
     bad = rkort_cli("warmup", str(path), "--shape", "X=8x5", cache=cache, check=False)
@@ -68,13 +74,22 @@ def test_warmup_missing_model_gives_onnxruntime_message(tmp_path) -> None:  # ty
 def test_cache_info_prune_clear(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = rkort.cache.Cache(tmp_path / "cache")
     for i in range(3):
-        cache.get_or_build(rkort.cache.make_key({"i": i}), lambda d, i=i: d.write_bytes(b"RKNN" + bytes(1000 * (i + 1))) and None, {"model": f"m{i}"})
+        cache.get_or_build(
+            rkort.cache.make_key({"i": i}),
+            lambda d, i=i: d.write_bytes(b"RKNN" + bytes(1000 * (i + 1))) and None,
+            {"model": f"m{i}"},
+        )
     info = json.loads(rkort_cli("cache", "info", "--json", cache=cache.root).stdout)
     assert info["entries"] == 3
-    assert "removed 0 entries" in rkort_cli("cache", "prune", "--older-than", "1d", cache=cache.root).stdout
+    assert (
+        "removed 0 entries"
+        in rkort_cli("cache", "prune", "--older-than", "1d", cache=cache.root).stdout
+    )
     pruned = rkort_cli("cache", "prune", "--max-size", "3k", cache=cache.root).stdout
     assert "removed" in pruned
-    assert json.loads(rkort_cli("cache", "info", "--json", cache=cache.root).stdout)["bytes"] <= 3072
+    assert (
+        json.loads(rkort_cli("cache", "info", "--json", cache=cache.root).stdout)["bytes"] <= 3072
+    )
     assert rkort_cli("cache", "prune", cache=cache.root, check=False).returncode == 2
     rkort_cli("cache", "clear", cache=cache.root)
     assert "is empty" in rkort_cli("cache", "list", cache=cache.root).stdout
@@ -99,7 +114,9 @@ def test_version_flag(tmp_path) -> None:  # type: ignore[no-untyped-def]
     np.testing.assert_equal(rkort.__version__.count("."), 2)
 
 
-@pytest.mark.parametrize("text,expected", [("500M", 500 << 20), ("2G", 2 << 30), ("10k", 10240), ("77", 77)])
+@pytest.mark.parametrize(
+    "text,expected", [("500M", 500 << 20), ("2G", 2 << 30), ("10k", 10240), ("77", 77)]
+)
 def test_size_parsing(text: str, expected: int) -> None:
     from rkort.cli import parse_size
 

@@ -28,18 +28,7 @@ needs_toolkit = pytest.mark.skipif(
 )
 
 
-def spec_of(model: models.TestModel, **overrides: object) -> BuildSpec:
-    fields: dict[str, object] = dict(
-        model_path=str(model.path),
-        input_names=model.input_names,
-        input_shapes=model.input_shapes,
-        input_dtypes=model.input_dtypes,
-        output_names=model.output_names,
-        output_shapes=model.output_shapes,
-        output_dtypes=model.output_dtypes,
-    )
-    fields.update(overrides)
-    return BuildSpec(**fields)  # type: ignore[arg-type]
+spec_of = models.spec_of
 
 
 def float_spec(path: Path, shape: tuple[int, ...], out_shape: tuple[int, ...]) -> BuildSpec:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from rkort.cli import main
-from rkort.inspect_report import build_report, format_text
+from rkort.cli.inspect import build_report, format_text
 from tests import models
 
 MATMUL = 2 * 64 * 128 * 128

@@ -14,9 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rkort import placement
+from rkort import cost, graph, placement, rules
 from rkort.compiler import BuildFailed, BuildSpec, ConverterCrashed, compile_blob, toolkit_version
 from rkort.placement import CPU, NPU
+from rkort.segments import plan_segments
 from tests import models
 
 needs_toolkit = pytest.mark.skipif(
@@ -54,11 +55,11 @@ def model_of(
 
 
 def where(model: onnx.ModelProto, target: str = "rk3588", **kw: object) -> dict[str, str]:
-    return {p.node_name: p.device for p in placement.place(model, target, **kw)}  # type: ignore[arg-type]
+    return {p.node_name: p.device for p in rules.place(model, target, **kw)}  # type: ignore[arg-type]
 
 
 def reasons(model: onnx.ModelProto, target: str = "rk3588", **kw: object) -> dict[str, str]:
-    return {p.node_name: p.reason for p in placement.place(model, target, **kw)}  # type: ignore[arg-type]
+    return {p.node_name: p.reason for p in rules.place(model, target, **kw)}  # type: ignore[arg-type]
 
 
 def heavy(
@@ -88,7 +89,7 @@ def test_supported_ops_stay_on_the_npu_and_say_why() -> None:
         [vi("y", F, [1, 64, 4])],
         [w1, const("k", [4], np.int64)],
     )
-    got = placement.place(m, "rk3588")
+    got = rules.place(m, "rk3588")
     assert {p.node_name: p.device for p in got} == {"m1": NPU, "topk": NPU, "relu": NPU}
     by = {p.node_name: p for p in got}
     assert by["m1"].reason == "supported by the converter"
@@ -235,12 +236,12 @@ def test_control_flow_goes_to_the_cpu() -> None:
         [Y],
         [const("zero", 0.0), const("n", 2, np.int64), const("true", True, np.bool_)],
     )
-    got = placement.place(m, "rk3588")
+    got = rules.place(m, "rk3588")
     by = {p.node_name: p for p in got}
     assert by["if"].device == CPU and "runtime condition" in by["if"].reason
     assert by["loop"].device == CPU and "Loop" in by["loop"].reason
     # The If's body reads x from the outer scope: the CPU segment takes x as an input.
-    segments = placement.plan_segments(m, got)
+    segments = plan_segments(m, got)
     cpu = next(s for s in segments if s.device == CPU)
     assert "x" in cpu.inputs and "if" in cpu.nodes
 
@@ -276,7 +277,7 @@ def test_ops_the_full_board_runtimes_lack(target: str, op: str) -> None:
         [vi("y", F, None)],
         [const("axis", 1, np.int64)],
     )
-    got = placement.place(m, target)
+    got = rules.place(m, target)
     assert got[0].device == CPU
     assert target in got[0].reason and "github" not in got[0].reason
 
@@ -317,11 +318,11 @@ def test_constants_stay_off_the_runtime_rules_and_are_copied_into_segments() -> 
         [Y],
         [w1, w2, const("three_and_half", 3.5), const("axis", 1, np.int64)],
     )
-    got = placement.place(m, "rk3588")
+    got = rules.place(m, "rk3588")
     by = {p.node_name: p for p in got}
     assert by["const_floor"].device == NPU
     assert by["const_floor"].reason == placement.CONSTANT_REASON
-    segments = placement.plan_segments(m, got)
+    segments = plan_segments(m, got)
     assert [s.device for s in segments] == [NPU, CPU, NPU]
     assert "const_floor" in segments[0].nodes and "const_floor" in segments[2].nodes
     assert all("scale" not in s.inputs and "scale" not in s.outputs for s in segments)
@@ -332,11 +333,11 @@ def test_constants_stay_off_the_runtime_rules_and_are_copied_into_segments() -> 
 
 def test_opset21_is_lowered_to_19_keeping_node_names(tmp_path: Path) -> None:
     m = onnx.load(str(models.opset21_mlp(tmp_path).path))
-    lowered, note = placement.lower_opset(m)
-    assert placement.default_opset(lowered) == 19
+    lowered, note = graph.lower_opset(m)
+    assert graph.default_opset(lowered) == 19
     assert note is not None and "lowered to opset 19" in note
-    assert placement.node_names(lowered.graph) == placement.node_names(m.graph)
-    assert all(p.device == NPU for p in placement.place(lowered, "rk3588"))
+    assert graph.node_names(lowered.graph) == graph.node_names(m.graph)
+    assert all(p.device == NPU for p in rules.place(lowered, "rk3588"))
 
 
 def test_lowering_keeps_external_data_references(tmp_path: Path) -> None:
@@ -345,7 +346,7 @@ def test_lowering_keeps_external_data_references(tmp_path: Path) -> None:
     path.parent.mkdir()
     onnx.save(src, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
     m = onnx.load(str(path), load_external_data=False)
-    lowered, _ = placement.lower_opset(m)
+    lowered, _ = graph.lower_opset(m)
     w1 = next(t for t in lowered.graph.initializer if t.name == "w1")
     assert w1.data_location == TensorProto.EXTERNAL
     assert {e.key: e.value for e in w1.external_data}["location"] == "m.data"
@@ -353,9 +354,9 @@ def test_lowering_keeps_external_data_references(tmp_path: Path) -> None:
 
 def test_an_op_without_an_opset19_form_goes_to_the_cpu(tmp_path: Path) -> None:
     m = onnx.load(str(models.opset20_gelu(tmp_path).path))
-    lowered, note = placement.lower_opset(m)
+    lowered, note = graph.lower_opset(m)
     assert lowered is m and note is not None and "Gelu" in note
-    got = {p.node_name: p for p in placement.place(m, "rk3588")}
+    got = {p.node_name: p for p in rules.place(m, "rk3588")}
     assert got["gelu"].device == CPU and "opset-19" in got["gelu"].reason
     assert got["layer1"].device == NPU and got["layer2"].device == NPU
 
@@ -411,7 +412,7 @@ def test_segments_are_as_few_as_the_graph_allows() -> None:
         [Y],
         [wa, wb, wc, const("axis", 1, np.int64)],
     )
-    segments = placement.plan_segments(m, placement.place(m, "rk3588"))
+    segments = plan_segments(m, rules.place(m, "rk3588"))
     assert [(s.device, s.nodes) for s in segments] == [
         (NPU, ("a", "b")),
         (CPU, ("cumsum",)),
@@ -465,8 +466,8 @@ def test_flop_estimates() -> None:
             const("g", np.ones((10, 1024))),
         ],
     )
-    types = placement.infer_types(m)
-    flops = placement.estimate_flops(m, types)
+    types = graph.infer_types(m)
+    flops = cost.estimate_flops(m, types)
     assert flops["mm"] == 2 * 64 * 32 * 128
     assert flops["reshape"] == 0
     assert flops["conv"] == 2 * (4 * 16 * 16) * 8 * 9
@@ -493,7 +494,7 @@ def _trial(directory: Path, name: str, m: onnx.ModelProto) -> str | None:
     """None if rknn-toolkit2 builds the one-op model, else its error."""
     path = directory / f"{name}.onnx"
     onnx.save(m, str(path))
-    types = placement.infer_types(m)
+    types = graph.infer_types(m)
     initializers = {t.name for t in m.graph.initializer}
     ins = [i.name for i in m.graph.input if i.name not in initializers]
     outs = [o.name for o in m.graph.output]
@@ -571,7 +572,7 @@ def test_rules_that_say_the_converter_refuses_hold(tmp_path: Path) -> None:
     assert "opset 20" in (results["opset20"] or "")
     # ... and placement sends each of those nodes to the CPU (an opset-20 Relu is lowered).
     for name in ("nonzero", "range", "if", "uint8"):
-        got = placement.place(cases[name], "rk3588")
+        got = rules.place(cases[name], "rk3588")
         assert any(p.device == CPU for p in got), (name, got)
-    lowered, _ = placement.lower_opset(cases["opset20"])
-    assert placement.default_opset(lowered) == 19
+    lowered, _ = graph.lower_opset(cases["opset20"])
+    assert graph.default_opset(lowered) == 19

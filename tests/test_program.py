@@ -14,14 +14,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from rkort import placement
+from rkort import graph
 from rkort.backends.base import Runner, RunnerClosed
 from rkort.backends.cpu import open_cpu
+from rkort.cache import Cache
 from rkort.compiler import BuildSpec, toolkit_version
-from rkort.engine import plan_spec
 from rkort.model import ModelSource
 from rkort.options import RKNNOptions
 from rkort.placement import CPU, NPU, Segment
+from rkort.planner import Part, Planner
 from rkort.program import Program
 from tests import models
 
@@ -46,6 +47,46 @@ def open_simulator(spec: BuildSpec) -> Runner:
     from rkort.backends.simulator import open_simulator as open_sim
 
     return open_sim(spec, progress=False)
+
+
+def make_program(
+    model: str | Path,
+    directory: Path,
+    shapes: dict[str, tuple[int, ...]],
+    given: list[Segment] | None,
+    open_npu: Callable[[BuildSpec], Runner],
+    *,
+    trial_builds: bool = False,
+) -> Program:
+    """The program a session makes for one signature: the planner's decision, NPU parts opened
+    with ``open_npu`` (with ``trial_builds``, through the planner's trial builds, which correct
+    a wrong plan), CPU parts on onnxruntime."""
+    planner = Planner(
+        ModelSource(model),
+        RKNNOptions.parse({"target": "rk3588"}),
+        Cache(directory / "cache"),
+        directory,
+    )
+
+    def build(part: Part) -> Runner:
+        assert part.spec is not None
+        return open_npu(part.spec)
+
+    decision, handles = planner.decide(shapes, build if trial_builds else None, given=given)
+
+    def npu(part: Part) -> Runner:
+        if part.key in handles:
+            return handles.pop(part.key)
+        planner.ensure_file(decision, part)
+        assert part.spec is not None
+        return open_npu(part.spec)
+
+    def cpu(part: Part) -> tuple[ort.InferenceSession, Path]:
+        path = planner.cpu_file(decision, part)
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
+
+    constants = planner.files(dict(decision.signature)).constants(decision.constant_outputs)
+    return Program(decision, npu, cpu, constants)
 
 
 def reference(model: models.TestModel, feed: list[np.ndarray]) -> list[np.ndarray]:
@@ -89,19 +130,12 @@ def test_an_all_npu_model_is_one_segment_with_the_engines_spec(tmp_path: Path, n
         specs.append(spec)
         return open_cpu(spec)
 
-    with Program(model.path, tmp_path / "segments", {}, None, open_npu) as program:
+    with make_program(model.path, tmp_path / "segments", {}, None, open_npu) as program:
         assert [s.device for s in program.segments] == [NPU]
-        sess = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-        want = plan_spec(
-            ModelSource(model.path),
-            sess.get_inputs(),
-            sess.get_outputs(),
-            RKNNOptions.parse({"target": "rk3588"}),
-        )
-        assert specs == [want]
+        assert specs == [models.spec_of(model, target="rk3588")]
         feed = model.make_feed(0)
         assert_close(program.run(feed), reference(model, feed), exact_floats=True)
-    assert list((tmp_path / "segments").iterdir()) == []  # nothing extracted
+    assert list((tmp_path / "segments").glob("*.onnx")) == []  # nothing extracted
 
 
 # -- cutting and wiring, exactly (NPU segments on onnxruntime runners) ----------------------------
@@ -111,7 +145,7 @@ def test_an_all_npu_model_is_one_segment_with_the_engines_spec(tmp_path: Path, n
 def test_segments_wired_exactly(tmp_path: Path, name: str) -> None:
     build, devices = CASES[name]
     model = build(tmp_path)
-    with Program(model.path, tmp_path / "segments", {}, None, open_cpu) as program:
+    with make_program(model.path, tmp_path / "segments", {}, None, open_cpu) as program:
         assert [s.device for s in program.segments] == devices
         for feed in feeds(name, model):
             assert_close(program.run(feed), reference(model, feed), exact_floats=True)
@@ -125,16 +159,16 @@ def test_a_model_with_dynamic_dims_gets_static_segments(tmp_path: Path) -> None:
     path = tmp_path / "dynamic.onnx"
     onnx.save(proto, str(path))
     with pytest.raises(ValueError, match="dynamic shape"):
-        Program(path, tmp_path / "a", {}, None, open_cpu)
+        make_program(path, tmp_path / "a", {}, None, open_cpu)
     with pytest.raises(ValueError, match="does not fit"):
-        Program(path, tmp_path / "b", {"x": (3, 64, 7)}, None, open_cpu)
+        make_program(path, tmp_path / "b", {"x": (3, 64, 7)}, None, open_cpu)
     specs: list[BuildSpec] = []
 
     def open_npu(spec: BuildSpec) -> Runner:
         specs.append(spec)
         return open_cpu(spec)
 
-    with Program(path, tmp_path / "c", {"x": (3, 64, 128)}, None, open_npu) as program:
+    with make_program(path, tmp_path / "c", {"x": (3, 64, 128)}, None, open_npu) as program:
         assert [s.device for s in program.segments] == [NPU, CPU, NPU]
         assert [s.input_shapes for s in specs] == [((3, 64, 128),), ((3, 64, 128),)]
         x = np.random.default_rng(0).standard_normal((3, 64, 128)).astype(np.float32)
@@ -149,7 +183,7 @@ def test_a_model_with_dynamic_dims_gets_static_segments(tmp_path: Path) -> None:
 def test_profiling_hook_sees_every_segment_in_order(tmp_path: Path) -> None:
     model = models.cpu_islands(tmp_path)
     seen: list[tuple[int, str, int, int]] = []
-    with Program(model.path, tmp_path / "segments", {}, None, open_cpu) as program:
+    with make_program(model.path, tmp_path / "segments", {}, None, open_cpu) as program:
         program.run(
             model.make_feed(0), on_segment=lambda s, a, b: seen.append((s.index, s.device, a, b))
         )
@@ -174,7 +208,7 @@ def test_external_data_stays_external_and_the_source_is_untouched(tmp_path: Path
         size_threshold=0,
     )
     before = sorted(p.name for p in source.iterdir())
-    with Program(path, tmp_path / "segments", {}, None, open_cpu) as program:
+    with make_program(path, tmp_path / "segments", {}, None, open_cpu) as program:
         assert [s.device for s in program.segments] == [NPU, CPU, NPU]
         for seg in program.segments:
             assert seg.model_path.stat().st_size < 20_000  # weights are not copied in
@@ -187,9 +221,11 @@ def test_external_data_stays_external_and_the_source_is_untouched(tmp_path: Path
 def test_caller_given_segments_are_used(tmp_path: Path) -> None:
     model = models.cpu_op_at(tmp_path, "middle")
     proto = onnx.load(str(model.path))
+    from rkort import placement
+
     plan = placement.plan(proto, "rk3588", ["layer2"])
     assert [s.device for s in plan.segments] == [NPU, CPU]
-    with Program(model.path, tmp_path / "segments", {}, plan.segments, open_cpu) as program:
+    with make_program(model.path, tmp_path / "segments", {}, plan.segments, open_cpu) as program:
         assert [s.nodes for s in program.segments] == [s.nodes for s in plan.segments]
         feed = model.make_feed(0)
         assert_close(program.run(feed), reference(model, feed), exact_floats=True)
@@ -211,7 +247,9 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[st
             model = SIMULATED[name][0](directory)
             built[name] = (
                 model,
-                Program(model.path, directory / "segments", {}, None, open_simulator),
+                make_program(
+                    model.path, directory / "segments", {}, None, open_simulator, trial_builds=True
+                ),
             )
         return built[name]
 
@@ -241,7 +279,7 @@ def test_npu_segments_take_static_shapes_and_opset19_files(
         (1, 64, 128),
     )
     for seg in (first, last):
-        assert placement.default_opset(onnx.load(str(seg.model_path))) == 19
+        assert graph.default_opset(onnx.load(str(seg.model_path))) == 19
     assert any("Gelu" in note for note in program.notes)
     _, whole = simulated("opset21_mlp")
     (only,) = whole.segments
@@ -261,7 +299,9 @@ def test_external_data_on_the_simulator(tmp_path: Path) -> None:
         location="weights.bin",
         size_threshold=0,
     )
-    with Program(path, tmp_path / "segments", {}, None, open_simulator) as program:
+    with make_program(
+        path, tmp_path / "segments", {}, None, open_simulator, trial_builds=True
+    ) as program:
         assert [s.device for s in program.segments] == [NPU, CPU, NPU]
         feed = model.make_feed(0)
         assert_close(program.run(feed), reference(model, feed), exact_floats=False)
@@ -273,7 +313,9 @@ def test_a_node_the_converter_names_goes_to_the_cpu(tmp_path: Path) -> None:
     by name, that node goes to the CPU, and the program still matches onnxruntime."""
     model = models.runtime_range(tmp_path)
     wrong = [Segment(0, NPU, ("layer1", "range"), ("x", "n"), ("y", "r"))]
-    with Program(model.path, tmp_path / "segments", {}, wrong, open_simulator) as program:
+    with make_program(
+        model.path, tmp_path / "segments", {}, wrong, open_simulator, trial_builds=True
+    ) as program:
         by = {p.node_name: p for p in program.placements}
         assert by["range"].device == CPU
         assert by["range"].reason.startswith("a trial build rejects it")
@@ -290,9 +332,11 @@ def test_bisection_finds_the_node_the_converter_aborts_on(tmp_path: Path) -> Non
     finds the Cast that makes it."""
     model = models.uint16_roundtrip(tmp_path)
     proto = onnx.load(str(model.path))
-    names = tuple(placement.node_names(proto.graph))
+    names = tuple(graph.node_names(proto.graph))
     wrong = [Segment(0, NPU, names, ("x",), ("y",))]
-    with Program(model.path, tmp_path / "segments", {}, wrong, open_simulator) as program:
+    with make_program(
+        model.path, tmp_path / "segments", {}, wrong, open_simulator, trial_builds=True
+    ) as program:
         assert program.rejected.keys() == {"to_u16"}
         assert "Not Support Dtype" in program.rejected["to_u16"]
         by = {p.node_name: p for p in program.placements}

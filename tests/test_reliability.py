@@ -24,9 +24,9 @@ import onnxruntime as ort
 import pytest
 
 import rkort
-from rkort import _worker
 from rkort.cache import FORMAT_VERSION, Cache
 from rkort.capi.onnxruntime_pybind11_state import EPFail
+from rkort.toolkit import process as _worker
 from tests import helpers_reliability as h
 from tests import models
 from tests.conftest import RKNN, needs_rknn
@@ -978,7 +978,8 @@ _UNSAFE_MODULES = {"pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickl
 
 def test_no_code_path_unpickles_or_evaluates_data() -> None:
     """Static: rkort imports no unpickler and calls no eval/exec; numpy/torch/yaml loaders are not
-    used. The one pickle channel is _worker.py's socket to its own child (never cache data)."""
+    used. The one pickle channel is the toolkit worker's socket to its own child (never cache
+    data)."""
     offenders = []
     for path in sorted((h.REPO / "rkort").rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -989,7 +990,7 @@ def test_no_code_path_unpickles_or_evaluates_data() -> None:
                 for name in [module, *names]:
                     if name.split(".")[0] in _UNSAFE_MODULES:
                         offenders.append(f"{path.name}:{node.lineno} imports {name}")
-                if module == "multiprocessing.connection" and path.name != "_worker.py":
+                if module == "multiprocessing.connection" and path.parent.name != "toolkit":
                     offenders.append(f"{path.name}:{node.lineno} uses pickled connections")
             elif isinstance(node, ast.Call):
                 f = node.func
@@ -1009,5 +1010,6 @@ def test_no_code_path_unpickles_or_evaluates_data() -> None:
                     if owner in {"np", "numpy", "torch", "yaml", "pickle", "marshal"}:
                         offenders.append(f"{path.name}:{node.lineno} calls {owner}.{name}()")
     assert offenders == []
-    source = (h.REPO / "rkort" / "cache.py").read_text()
+    source = "".join(p.read_text() for p in (h.REPO / "rkort" / "cache").glob("*.py"))
+    source += (h.REPO / "rkort" / "files.py").read_text()
     assert "json.loads" in source and "Connection" not in source

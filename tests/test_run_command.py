@@ -315,19 +315,31 @@ def test_bad_options_text_is_an_error(auto, monkeypatch) -> None:  # type: ignor
 
 @needs_rknn
 def test_session_follows_the_policy(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Through rkort's InferenceSession: creation and set_providers() both apply it."""
+    """The policy is the integration's: once rkort.install() has run (as `rkort run` does),
+    session creation and set_providers() both apply it; before, a session is what it asks."""
+    from rkort.integrations.install import is_installed, uninstall
+
     monkeypatch.setenv("RKORT_AUTO", "1")
     monkeypatch.setenv("RKORT_CACHE_DIR", str(tmp_path / "cache"))
     mlp = models.mlp(tmp_path)
-    sess = rkort.InferenceSession(str(mlp.path), providers=[CPU])
-    assert sess.get_providers() == [RKNN, CPU]
-    sess.set_providers([CPU])
-    assert sess.get_providers() == [RKNN, CPU]
-    so = onnxruntime.SessionOptions()
-    so.add_session_config_entry("rkort.auto", "0")
-    assert rkort.InferenceSession(str(mlp.path), so, providers=[CPU]).get_providers() == [CPU]
-    monkeypatch.setenv("RKORT_AUTO", "0")
-    assert rkort.InferenceSession(str(mlp.path), providers=[CPU]).get_providers() == [CPU]
+    was_installed = is_installed()
+    uninstall()
+    try:
+        assert rkort.InferenceSession(str(mlp.path), providers=[CPU]).get_providers() == [CPU]
+        rkort.install()
+        sess = rkort.InferenceSession(str(mlp.path), providers=[CPU])
+        assert sess.get_providers() == [RKNN, CPU]
+        sess.set_providers([CPU])
+        assert sess.get_providers() == [RKNN, CPU]
+        so = onnxruntime.SessionOptions()
+        so.add_session_config_entry("rkort.auto", "0")
+        opted_out = rkort.InferenceSession(str(mlp.path), so, providers=[CPU])
+        assert opted_out.get_providers() == [CPU]
+        monkeypatch.setenv("RKORT_AUTO", "0")
+        assert rkort.InferenceSession(str(mlp.path), providers=[CPU]).get_providers() == [CPU]
+    finally:
+        if not was_installed:
+            uninstall()
 
 
 @needs_rknn

@@ -51,7 +51,7 @@ def test_rknn_session_reports_itself_and_matches_onnxruntime(mlp, mlp_session) -
     ref = ort.InferenceSession(str(mlp.path)).run(None, _feed(mlp))
     got = mlp_session.run(None, _feed(mlp))
     assert _cos(got[0], ref[0]) >= 0.9999
-    assert mlp_session._rknn is not None and mlp_session._rknn.backend in (
+    assert mlp_session._rknn is not None and mlp_session._rknn.backend.name in (
         "simulator",
         "board",
         "adb",
@@ -257,7 +257,7 @@ def test_models_with_cpu_only_ops_run_in_segments_through_the_session(
     so.profile_file_prefix = str(tmp_path / "trace")
     s = rkort.InferenceSession(m.path, so, providers=[RKNN, "CPUExecutionProvider"])
     assert s.get_providers()[0] == RKNN
-    program = next(iter(s._rknn._runners.values())).program
+    program = next(iter(s._rknn._programs.values()))
     devices = [seg.device for seg in program.segments]
     assert "cpu" in devices and "npu" in devices
     feed = dict(zip(m.input_names, m.make_feed(0)))

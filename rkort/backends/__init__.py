@@ -1,34 +1,69 @@
-"""Runners for compiled models, one small module per device, all behind :class:`Runner`.
+"""Runners for compiled models, one small module per device, found by name and used only through
+:class:`~rkort.backends.base.Runner`.
 
-``board`` (rknn-toolkit-lite2 on a Rockchip board), ``simulator`` (rknn-toolkit2 on a host),
-``adb`` (rknn-toolkit2 driving a board over adb) and ``cpu`` (onnxruntime, the reference).
+Each module (``board``, ``simulator``, ``adb``, ``cpu``) defines ``BACKEND``, an object with a
+``name``, ``builds`` (True: it opens a model from its BuildSpec by building it itself, as the host
+simulator must; False: it loads a compiled blob), ``available(options)`` and
+``open(Opening(spec, blob=..., ...))``. Adding a device adds a module and
+its name in :data:`NAMES`; nothing else changes.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
+import importlib
+from typing import Any, Protocol
 
-from .base import Runner, RunnerClosed, RunnerDied, RunnerError
+from ..errors import Unsupported
+from ..options import RKNNOptions
+from .base import Opening, Runner, RunnerClosed, RunnerDied, RunnerError
 
-__all__ = ["Runner", "RunnerClosed", "RunnerDied", "RunnerError", "available_backends"]
+__all__ = [
+    "NAMES",
+    "Backend",
+    "Opening",
+    "Runner",
+    "RunnerClosed",
+    "RunnerDied",
+    "RunnerError",
+    "available_backends",
+    "choose",
+    "get",
+]
+
+#: Every backend, in order of preference where several are available.
+NAMES = ("adb", "board", "simulator", "cpu")
 
 
-def available_backends() -> list[str]:
+class Backend(Protocol):
+    name: str
+    builds: bool
+
+    def available(self, options: RKNNOptions | None = None) -> bool: ...
+
+    def open(self, opening: Opening) -> Runner: ...
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name`` (its module's ``BACKEND``)."""
+    if name not in NAMES:
+        raise KeyError(f"no backend {name!r}; the backends are {list(NAMES)}")
+    module: Any = importlib.import_module(f"{__name__}.{name}")
+    return module.BACKEND  # type: ignore[no-any-return]
+
+
+def choose(options: RKNNOptions) -> Backend:
+    """The backend that runs the NPU's work here: the adb board named by ``device_id``, else this
+    board's NPU, else the host simulator."""
+    for name in ("adb", "board", "simulator"):
+        backend = get(name)
+        if backend.available(options):
+            return backend
+    raise Unsupported(
+        "neither rknn-toolkit-lite2 (on a board) nor rknn-toolkit2 (the converter and its "
+        "simulator) is installed; install rkort[board] on a board or rkort[compile] on a host"
+    )
+
+
+def available_backends(options: RKNNOptions | None = None) -> list[str]:
     """The backends that can run on this machine now, in order of preference."""
-    from ..platform import is_board
-
-    names = []
-    has_toolkit = importlib.util.find_spec("rknn") is not None
-    if is_board() and importlib.util.find_spec("rknnlite") is not None:
-        names.append("board")
-    if has_toolkit:
-        names.append("simulator")
-    if has_toolkit and shutil.which("adb") is not None:
-        from .adb import list_devices
-
-        if list_devices():
-            names.append("adb")
-    if importlib.util.find_spec("onnxruntime") is not None:
-        names.append("cpu")
-    return names
+    return [n for n in NAMES if get(n).available(options)]

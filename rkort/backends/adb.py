@@ -11,17 +11,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .. import _worker
-from ..compiler import BuildSpec, CompileError, ToolkitNotInstalled
-from .base import Runner, RunnerError
+from ..options import RKNNOptions
+from ..platform import toolkit_version
+from ..spec import BuildSpec, CompileError, ToolkitNotInstalled
+from ..toolkit.process import WorkerProcess
+from ..toolkit.protocol import build_request
+from .base import Opening, Runner, RunnerError
 from .simulator import WorkerRunner
 
 
 def open_adb(blob_path: Path, spec: BuildSpec, target: str, device_id: str | None) -> Runner:
     """Load ``blob_path`` onto the board ``device_id`` (the only one when None) and serve it."""
-    worker = _worker.WorkerProcess(
+    worker = WorkerProcess(
         "serve",
-        _worker.build_request(
+        build_request(
             spec,
             export=False,
             runtime={"blob": os.path.abspath(blob_path), "target": target, "device_id": device_id},
@@ -67,3 +70,22 @@ def list_devices(timeout: float = 10.0) -> list[str]:
         if len(parts) >= 2 and parts[1] == "device":
             serials.append(parts[0])
     return serials
+
+
+class _Adb:
+    name = "adb"
+    builds = False
+
+    def available(self, options: RKNNOptions | None = None) -> bool:
+        if options is not None:
+            return bool(options.device_id)
+        return toolkit_version() is not None and bool(list_devices())
+
+    def open(self, o: Opening) -> Runner:
+        if o.blob is None:
+            raise ValueError("the adb backend runs compiled blobs: give Opening.blob")
+        device = o.options.device_id if o.options is not None else None
+        return open_adb(o.blob, o.spec, o.spec.target, device)
+
+
+BACKEND = _Adb()

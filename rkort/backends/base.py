@@ -5,13 +5,29 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 
-from ..compiler import BuildSpec
+from ..options import RKNNOptions
+from ..spec import BuildSpec
 
 _R = TypeVar("_R", bound="Runner")
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What a backend opens a Runner from: the spec, and the compiled ``blob`` (backends that
+    load blobs) or the place to ``export_to`` the blob it builds (backends that build), the
+    session's ``options`` (core mask, device id, ...) and whether to show ``progress``."""
+
+    spec: BuildSpec
+    blob: Optional[Path] = None
+    options: Optional[RKNNOptions] = None
+    export_to: Optional[Path] = None
+    progress: Optional[bool] = None
 
 
 class RunnerError(RuntimeError):

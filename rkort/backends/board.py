@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .._worker import data_formats
-from ..compiler import BuildSpec
-from .base import Runner, RunnerError
+from ..options import RKNNOptions
+from ..platform import board_runtime_importable, is_board
+from ..spec import BuildSpec, data_formats
+from .base import Opening, Runner, RunnerError
 
 
 class BoardRunner(Runner):
@@ -57,3 +58,19 @@ def open_board(blob_path: Path, spec: BuildSpec, core_mask: int = 0) -> Runner:
             "check that librknnrt.so is at least as new as the toolkit that built the blob"
         )
     return BoardRunner(lite, spec, core_mask)
+
+
+class _Board:
+    name = "board"
+    builds = False
+
+    def available(self, options: RKNNOptions | None = None) -> bool:
+        return is_board() and board_runtime_importable()
+
+    def open(self, o: Opening) -> Runner:
+        if o.blob is None:
+            raise ValueError("the board backend runs compiled blobs: give Opening.blob")
+        return open_board(o.blob, o.spec, o.options.core_mask if o.options is not None else 0)
+
+
+BACKEND = _Board()

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler import BuildSpec
-from .base import Runner
+from ..options import RKNNOptions
+from ..spec import BuildSpec
+from .base import Opening, Runner
 
 
 class CpuRunner(Runner):
@@ -32,3 +33,19 @@ def open_cpu(spec: BuildSpec) -> Runner:
 
     session = InferenceSession(spec.model_path, providers=["CPUExecutionProvider"])
     return CpuRunner(session, spec)
+
+
+class _Cpu:
+    """onnxruntime on the spec's own ONNX file: the reference every NPU backend is checked against."""
+
+    name = "cpu"
+    builds = True
+
+    def available(self, options: RKNNOptions | None = None) -> bool:
+        return True
+
+    def open(self, o: Opening) -> Runner:
+        return open_cpu(o.spec)
+
+
+BACKEND = _Cpu()

@@ -13,15 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from .. import _worker
-from ..compiler import BuildSpec, place_file
-from .base import Runner, RunnerDied, RunnerError
+from ..files import place_file
+from ..options import RKNNOptions
+from ..platform import toolkit_version
+from ..spec import BuildSpec
+from ..toolkit.process import WorkerDied, WorkerProcess
+from ..toolkit.protocol import build_request
+from .base import Opening, Runner, RunnerDied, RunnerError
 
 
 class WorkerRunner(Runner):
     """A Runner whose model lives in a toolkit worker process (simulator, or a board over adb)."""
 
-    def __init__(self, worker: _worker.WorkerProcess, spec: BuildSpec, name: str) -> None:
+    def __init__(self, worker: WorkerProcess, spec: BuildSpec, name: str) -> None:
         super().__init__(spec)
         self.name = name
         self._worker = worker
@@ -39,7 +43,7 @@ class WorkerRunner(Runner):
             raise RunnerDied(self._died)
         try:
             return self._worker.call(inputs)
-        except _worker.WorkerDied as e:
+        except WorkerDied as e:
             self._died = (
                 f"the {self.name} worker process (pid {self.pid}) running "
                 f"{self.spec.model_name} died (it {e}); this runner cannot be used any more, "
@@ -61,9 +65,9 @@ def open_simulator(
     With ``export_to`` the blob is also written there (atomically, after the export succeeded).
     Build failures raise :class:`rkort.compiler.CompileError` subclasses.
     """
-    worker = _worker.WorkerProcess(
+    worker = WorkerProcess(
         "serve",
-        _worker.build_request(spec, export=export_to is not None, runtime={"target": None}),
+        build_request(spec, export=export_to is not None, runtime={"target": None}),
         subject=f"{spec.model_name} on the {spec.target} simulator",
         progress=progress,
     )
@@ -77,3 +81,17 @@ def open_simulator(
     runner = WorkerRunner(worker, spec, "simulator")
     runner.build_info = info
     return runner
+
+
+class _Simulator:
+    name = "simulator"
+    builds = True
+
+    def available(self, options: RKNNOptions | None = None) -> bool:
+        return toolkit_version() is not None
+
+    def open(self, o: Opening) -> Runner:
+        return open_simulator(o.spec, o.export_to, progress=o.progress)
+
+
+BACKEND = _Simulator()

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..options import ALIASES, PROVIDER
+from ..providers import rknn_available
 
 log = logging.getLogger("rkort")
 
@@ -159,9 +160,7 @@ def created_by_tool() -> str | None:
 
 
 def _rknn_available() -> bool:
-    from .. import get_available_providers
-
-    return PROVIDER in get_available_providers()
+    return rknn_available()
 
 
 def effective_providers(

@@ -88,7 +88,9 @@ def main() -> None:
     out = build(args.directory)
     print(f"transformers model: {out / 'hf'}")
     print(f"optimum ONNX export: {out / 'onnx'}")
-    print(f"onnxruntime app: {out / 'app.py'}  (run: rkort run -- python {out / 'app.py'} {out / 'onnx' / 'model.onnx'})")
+    print(
+        f"onnxruntime app: {out / 'app.py'}  (run: rkort run -- python {out / 'app.py'} {out / 'onnx' / 'model.onnx'})"
+    )
 
 
 if __name__ == "__main__":

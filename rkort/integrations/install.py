@@ -33,7 +33,9 @@ from typing import Any, Callable
 
 import onnxruntime as _ort
 
-from .defaults import canonical_provider
+from ..providers import get_all_providers, get_available_providers
+from ..session import InferenceSession, IOBinding, set_provider_policy
+from .defaults import canonical_provider, effective_providers
 
 log = logging.getLogger("rkort")
 
@@ -47,7 +49,6 @@ _PATCHED_NAMES = ("InferenceSession", "IOBinding", "get_available_providers", "g
 @dataclass
 class _Installed:
     ort_originals: dict[str, Any]
-    rkort_originals: dict[str, Any]
     hook: _OptimumImportHook
     #: id(original) -> (original, replacement), for every object rebound in optimum's modules.
     replacements: dict[int, tuple[Any, Any]] = field(default_factory=dict)
@@ -55,7 +56,6 @@ class _Installed:
 
 _lock = threading.RLock()
 _state: _Installed | None = None
-_reentry = threading.local()
 
 
 def install() -> None:
@@ -67,6 +67,7 @@ def install() -> None:
     with _lock:
         if _state is None:
             _state = _patch()
+            set_provider_policy(effective_providers)
             log.debug("rkort.install(): onnxruntime patched")
         if _state.hook not in sys.meta_path:
             sys.meta_path.insert(0, _state.hook)
@@ -85,12 +86,9 @@ def uninstall() -> None:
             return
         if state.hook in sys.meta_path:
             sys.meta_path.remove(state.hook)
-        import rkort
-
+        set_provider_policy(None)
         for name, value in state.ort_originals.items():
             setattr(_ort, name, value)
-        for name, value in state.rkort_originals.items():
-            setattr(rkort, name, value)
         back = {id(new): (new, old) for old, new in state.replacements.values()}
         for module in _optimum_modules():
             _swap(module, back)
@@ -102,54 +100,18 @@ def is_installed() -> bool:
 
 
 def _patch() -> _Installed:
-    import rkort
-    from rkort.session import InferenceSession, IOBinding
-
     ort_originals = {name: getattr(_ort, name) for name in _PATCHED_NAMES}
-    rkort_originals = {
-        "get_available_providers": rkort.get_available_providers,
-        "get_all_providers": rkort.get_all_providers,
-    }
-    available = _reentrant_safe(
-        rkort_originals["get_available_providers"], ort_originals["get_available_providers"]
-    )
-    all_providers = _reentrant_safe(
-        rkort_originals["get_all_providers"], ort_originals["get_all_providers"]
-    )
     new = {
         "InferenceSession": InferenceSession,
         "IOBinding": IOBinding,
-        "get_available_providers": available,
-        "get_all_providers": all_providers,
+        "get_available_providers": get_available_providers,
+        "get_all_providers": get_all_providers,
     }
-    state = _Installed(ort_originals, rkort_originals, _OptimumImportHook())
+    state = _Installed(ort_originals, _OptimumImportHook())
     for name, value in new.items():
         setattr(_ort, name, value)
         state.replacements[id(ort_originals[name])] = (ort_originals[name], value)
-    # rkort's own listing functions ask onnxruntime's module for its list; point them at the
-    # re-entrant-safe versions so they never count RKNN twice.
-    rkort.get_available_providers = available  # type: ignore[assignment]
-    rkort.get_all_providers = all_providers  # type: ignore[assignment]
     return state
-
-
-def _reentrant_safe(
-    rkort_listing: Callable[[], list[str]], ort_listing: Callable[[], list[str]]
-) -> Callable[[], list[str]]:
-    """rkort's listing, which itself reads ``onnxruntime.<same name>()``: when that read comes
-    back here, it gets onnxruntime's own list."""
-
-    @functools.wraps(rkort_listing)
-    def listing() -> list[str]:
-        if getattr(_reentry, "active", False):
-            return list(ort_listing())
-        _reentry.active = True
-        try:
-            return list(dict.fromkeys(rkort_listing()))
-        finally:
-            _reentry.active = False
-
-    return listing
 
 
 def _accepting_alias(validate: Callable[[str], Any]) -> Callable[[str], Any]:

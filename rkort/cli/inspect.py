@@ -10,14 +10,24 @@ used by any NPU segment counts on the NPU.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import onnx
 
-from . import placement
-from .placement import CPU, NPU
+from .. import placement
+from ..cache import Cache
+from ..graph import default_opset
+from ..model import ModelSource
+from ..options import RKNNOptions
+from ..planner import Planner
+from ..platform import default_target
+from ..rules import CPU, NPU
+from ..shapes import declared_types, signature_of
+from .common import UsageError
 
 _LIST_LIMIT = 3
 
@@ -27,17 +37,24 @@ def build_report(
     target: str,
     force_cpu: Collection[str] = (),
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    cache: Cache | None = None,
 ) -> dict[str, Any]:
-    """The inspect report as plain data (what ``--json`` prints)."""
+    """The inspect report as plain data (what ``--json`` prints): the decision a session makes
+    for the signature, with the trial-build verdicts a warmed cache holds for it."""
     path = os.fspath(model_path)
-    proto = onnx.load(path, load_external_data=False)
-    opset = placement.default_opset(proto)
+    source = ModelSource(path)
+    proto = source.proto
     shapes, assumed = _signature(proto, input_shapes or {})
-    lowered, note = placement.lower_opset(proto)
-    plan = placement.plan(
-        lowered, target, force_cpu, input_shapes=shapes, notes=[note] if note else []
-    )
+    options = RKNNOptions.parse({"target": target, "cpu_ops": ",".join(force_cpu)})
+    planner = Planner(source, options, cache if cache is not None else Cache())
+    decision, _ = planner.decide(shapes)
+    plan = decision.plan if decision.plan is not None else planner.place(shapes, decision.rejected)
     notes = list(plan.notes)
+    if decision.recorded:
+        notes.append(
+            f"trial builds from the cache's record ({decision.trial_builds} builds with "
+            f"rknn-toolkit2 {decision.toolkit})"
+        )
     if assumed:
         fixed = ", ".join(f"{n}={_dims(s)}" for n, s in assumed.items())
         notes.append(
@@ -68,7 +85,7 @@ def build_report(
     return {
         "model": path,
         "target": target,
-        "opset": opset,
+        "opset": default_opset(proto),
         "node_count": len(proto.graph.node),
         "input_shapes": {n: list(s) for n, s in shapes.items()},
         "npu_flop_share": plan.npu_flop_share,
@@ -145,33 +162,12 @@ def _shown_device(
 def _signature(
     proto: onnx.ModelProto, given: Mapping[str, Sequence[int]]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    initializers = {t.name for t in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in initializers]
-    unknown = set(given) - set(names)
-    if unknown:
-        raise ValueError(f"no input named {sorted(unknown)}; the inputs are {names}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    assumed: dict[str, tuple[int, ...]] = {}
-    for vi in proto.graph.input:
-        if vi.name not in names:
-            continue
-        declared = placement._type_of(vi.type)
-        if vi.name in given:
-            shape = tuple(int(d) for d in given[vi.name])
-            if declared.shape is not None and (
-                len(shape) != len(declared.shape)
-                or any(isinstance(d, int) and d != g for d, g in zip(declared.shape, shape))
-            ):
-                raise ValueError(
-                    f"shape {_dims(shape)} does not fit input {vi.name!r} of shape "
-                    f"{list(declared.shape)}"
-                )
-            shapes[vi.name] = shape
-        elif declared.shape is not None:
-            shape = tuple(d if isinstance(d, int) else 1 for d in declared.shape)
-            shapes[vi.name] = shape
-            if declared.static_shape is None:
-                assumed[vi.name] = shape
+    """(every input's shape, those whose dynamic dims were taken as 1)."""
+    shapes = signature_of(proto, given, fill=1)
+    declared = declared_types(proto)
+    assumed = {
+        n: s for n, s in shapes.items() if n not in given and declared[n].static_shape is None
+    }
     return shapes, assumed
 
 
@@ -198,4 +194,21 @@ def _si(n: float) -> str:
     return f"{n:.0f} "
 
 
-__all__ = ["CPU", "NPU", "build_report", "format_text"]
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
+
+    # onnxruntime reads and checks the model first: its errors are the ones the session gives.
+    InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    force = [x for x in (args.cpu_ops or "").split(",") + (args.cpu_nodes or "").split(",") if x]
+    try:
+        report = build_report(
+            args.model,
+            (args.target or default_target()).lower(),
+            force,
+            dict(args.shape or []),
+            Cache(args.cache_dir),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(report, indent=2) if args.json else format_text(report))
+    return 0

@@ -1,0 +1,88 @@
+"""Content hashes of model files, memoized by file identity so an unchanged model is never re-read.
+
+A memo is keyed by the file's real path and holds its stat stamp (size, mtime, inode, ctime,
+device); a file whose stamp changed is hashed again. Files changed within the filesystem's
+timestamp granularity are not memoized (git's and ccache's "racily clean" rule).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import files
+from .entry import KEY_RE
+
+logger = logging.getLogger("rkort.cache")
+
+# Filesystems with coarse timestamps (1-2 s on ext3, FAT, some NFS) can rewrite a file without
+# changing any stat field if it happens within one tick of the hash; a file that new is not
+# memoized, the same "racily clean" rule git and ccache follow.
+_RACY_WINDOW_S = 2.0
+
+
+def _stamp(real: str, st: os.stat_result) -> list[Any]:
+    return [real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev]
+
+
+class HashMemo:
+    """Memoized sha256 digests of files, kept under ``root/hashes`` (written only when
+    ``ready()`` says the cache root may be used)."""
+
+    def __init__(self, root: Path, ready: Callable[[], bool], make_dir: Callable[[], None]) -> None:
+        self.root = root
+        self._ready = ready
+        self._make_dir = make_dir
+
+    def content_hash(self, path: files.StrPath, extra_files: Sequence[files.StrPath] = ()) -> str:
+        """The sha256 of a model file's bytes, memoized by the file's stat.
+
+        With ``extra_files`` (e.g. ONNX external-data files) the result is the sha256 of every
+        file's sha256, in the order given. A file whose path, size, mtime, ctime, inode or device
+        changed is hashed again; an unchanged one is not read.
+        """
+        digests = [self.file_digest(p) for p in (path, *extra_files)]
+        if not extra_files:
+            return digests[0]
+        combined = hashlib.sha256(b"rkort-files\0")
+        for digest in digests:
+            combined.update(bytes.fromhex(digest))
+        return combined.hexdigest()
+
+    def file_digest(self, path: files.StrPath) -> str:
+        real = os.path.realpath(os.fspath(path))
+        memo_path = self.root / "hashes" / f"{hashlib.sha256(os.fsencode(real)).hexdigest()}.json"
+        stamp = _stamp(real, os.stat(real))
+        if self._ready():
+            memo = files.read_json(memo_path)
+            if isinstance(memo, dict) and memo.get("stamp") == stamp:
+                digest = memo.get("sha256")
+                if isinstance(digest, str) and KEY_RE.fullmatch(digest):
+                    return digest
+        started = time.time()
+        digest, before, after = files.sha256_file(real)
+        if before != after or _stamp(real, after) != stamp:
+            return digest  # changed while we read it: correct for this call, not worth keeping
+        newest = max(after.st_mtime_ns, after.st_ctime_ns) / 1e9
+        if started - newest < _RACY_WINDOW_S:
+            return digest
+        try:
+            self._make_dir()
+            files.write_atomic(memo_path, json.dumps({"stamp": stamp, "sha256": digest}).encode())
+        except OSError as exc:
+            logger.debug("could not memoize the hash of %s in %s: %s", real, self.root, exc)
+        return digest
+
+
+def bytes_hash(data: bytes) -> str:
+    """The sha256 hex digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+__all__ = ["HashMemo", "bytes_hash"]

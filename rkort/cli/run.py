@@ -1,0 +1,102 @@
+"""``rkort run -- COMMAND``: an unchanged onnxruntime program, with its sessions on RKNN
+(see :mod:`rkort.integrations.run` for the environment it is given)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ..integrations.defaults import ENV_AUTO, ENV_EXCLUDE, ENV_OPTIONS
+from ..integrations.run import run_environment
+from ..options import RKNNOptions
+from .common import UsageError
+
+
+def _options(items: Sequence[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or ";" in item:
+            raise UsageError(f"expected --option KEY=VALUE (no ';'), got {item!r}")
+        options[key] = value
+    try:
+        RKNNOptions.parse(options)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's InvalidArgument, shown without a traceback
+        raise UsageError(str(e).rpartition(" : ")[2]) from None
+    return options
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command and not args.env:
+        raise UsageError("give the command to run, e.g. rkort run -- python app.py")
+    env = run_environment(
+        os.environ,
+        auto=not args.no_auto,
+        options=_options(args.option or []),
+        exclude=args.exclude or [],
+    )
+    if args.env:
+        for key in ("PYTHONPATH", ENV_AUTO, ENV_OPTIONS, ENV_EXCLUDE):
+            if key in env:
+                print(f"{key}={env[key]}")
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, env)
+    except FileNotFoundError:
+        print(f"rkort run: command not found: {command[0]}", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"rkort run: permission denied: {command[0]}", file=sys.stderr)
+        return 126
+    return 0  # not reached: exec replaced this process
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The ``run`` subcommand, for :func:`rkort.cli.build_parser`."""
+    r = sub.add_parser(
+        "run",
+        help="run an unchanged onnxruntime program with its sessions on RKNN (CPU fallback)",
+        description=(
+            "Runs COMMAND with rkort installed into every Python process it starts: sessions "
+            "created with default or CPU-only providers run RKNNExecutionProvider first, with "
+            "the CPU as fallback. Export validation, quantization and other tools keep the CPU."
+        ),
+        epilog="example: rkort run -- python app.py --input photo.jpg",
+    )
+    r.add_argument(
+        "--no-auto",
+        action="store_true",
+        help="only install rkort (provider='RKNN' works); sessions keep the providers they ask for",
+    )
+    r.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an RKNNExecutionProvider option for the sessions moved to RKNN, e.g. target=rk3576 (repeatable)",
+    )
+    r.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="keep models whose file name (or, with a '/', path) matches this glob on their own providers (repeatable)",
+    )
+    r.add_argument(
+        "--env",
+        action="store_true",
+        help="print the environment variables instead of running anything (for services)",
+    )
+    r.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND [ARG ...]",
+        help="the command to run and its arguments",
+    )
+    r.set_defaults(func=cmd_run)

@@ -1,0 +1,130 @@
+"""``rkort warmup``: compile a model into the cache ahead of time, exactly as its sessions will run
+it (the same decision per signature, trial builds included, recorded for boards)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cache import Cache
+from ..engine import blob_meta, make_policy, multi_shape_part
+from ..errors import Unsupported
+from ..model import ModelSource
+from ..options import RKNNOptions
+from ..planner import Part, Planner
+from ..shapes import signature_of
+from ..spec import CompileError
+from .common import UsageError
+from .common import human as _human
+
+_OPTION_FLAGS = (
+    "cpu_ops",
+    "target",
+    "dataset",
+    "cache_dir",
+    "buckets",
+    "batch_buckets",
+    "shape_mode",
+    "exact_dims",
+)
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
+
+    raw = {"dtype": args.dtype, "optimization_level": str(args.optimization_level)}
+    for key in _OPTION_FLAGS:
+        if getattr(args, key, None):
+            raw[key] = getattr(args, key)
+    options = RKNNOptions.parse(raw)
+    # onnxruntime reads and checks the model first: its errors are the ones the session gives.
+    sess = InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    model = ModelSource(args.model)
+    planner = Planner(model, options, Cache(args.cache_dir))
+    try:
+        try:
+            if args.shape:
+                signatures = [signature_of(model.proto, dict(args.shape))]
+            else:
+                policy = make_policy(model, sess.get_inputs(), sess.get_outputs(), options)
+                names = [i.name for i in sess.get_inputs()]
+                signatures = [dict(zip(names, s)) for s in policy.signatures()]
+                if not signatures:
+                    exact = [s for s, k in policy.kind.items() if k == "exact"]
+                    raise UsageError(
+                        f"dims {exact} are compiled per observed size, not padded to buckets; "
+                        "give each dynamic input a --shape NAME=DIMxDIM"
+                    )
+        except (Unsupported, ValueError) as e:
+            raise UsageError(f"{e}; give each dynamic input a --shape NAME=DIMxDIM") from None
+        report = _Report(args, planner, progress=None if not args.quiet else False)
+        try:
+            if options.shape_mode == "dynamic" and len(signatures) > 1:
+                part = multi_shape_part(planner, signatures)
+                if part is not None:
+                    report.compile(part)
+                    return report.done()
+            for sig in signatures:
+                decision, _ = planner.decide(sig, build=report.compile)
+                for part in decision.npu_parts:
+                    if part.key not in report.seen:
+                        planner.ensure_file(decision, part)
+                        report.compile(part)
+                if not decision.npu_parts:
+                    why = "; ".join(decision.cpu_reasons[:5])
+                    print(
+                        f"rkort warmup: no part of {args.model} runs on the NPU for "
+                        f"{options.target}: {why}",
+                        file=sys.stderr,
+                    )
+                    return 1
+        except CompileError as e:
+            print(f"rkort warmup: could not compile {args.model}: {e}", file=sys.stderr)
+            return 1
+        return report.done()
+    finally:
+        planner.close()
+
+
+class _Report:
+    """Compiles NPU parts into the cache and says, per blob, whether it was compiled or found."""
+
+    def __init__(self, args: argparse.Namespace, planner: Planner, progress: bool | None) -> None:
+        self.args, self.planner, self.progress = args, planner, progress
+        self.compiled = self.cached = 0
+        self.seen: set[str] = set()
+
+    def compile(self, part: Part) -> Any:
+        from ..compiler import compile_blob
+
+        spec = part.spec
+        assert spec is not None and part.key is not None
+        started = time.monotonic()
+        entry, built = self.planner.cache.get_or_build(
+            part.key,
+            lambda dest: compile_blob(spec, dest, progress=self.progress),
+            blob_meta(self.planner.source, spec),
+        )
+        self.seen.add(part.key)
+        shapes = ", ".join(
+            f"{n}={'x'.join(map(str, s))}" for n, s in zip(spec.input_names, spec.input_shapes)
+        )
+        if spec.dynamic_input:
+            shapes = f"{len(spec.dynamic_input)} shapes up to {shapes}"
+        what_part = "" if part.source == "model" else f" segment {Path(spec.model_path).stem}"
+        what = f"{self.args.model}{what_part} for {spec.target} ({spec.quantized_dtype or 'fp16'}; {shapes})"
+        if built:
+            self.compiled += 1
+            took = time.monotonic() - started
+            print(f"compiled {what} in {took:.1f} s -> {entry.blob_path} ({_human(entry.size)})")
+        else:
+            self.cached += 1
+            print(f"already in the cache: {what}")
+        return None
+
+    def done(self) -> int:
+        print(f"{self.compiled} compiled, {self.cached} already in the cache")
+        return 0

@@ -1,0 +1,246 @@
+"""The toolkit child process: ``python -m rkort.toolkit.child {compile|serve} FD``.
+
+It reads one request (see :mod:`.protocol`), runs rknn-toolkit2 in its own working directory,
+reports each stage, and then either exits with the exported blob (compile) or serves inference
+calls (serve) until the parent closes the socket or dies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..spec import data_formats
+from .protocol import DATASET_NAME, PARENT_ENV, WORKDIR_PREFIX
+
+
+class _Failure(Exception):
+    def __init__(self, kind: str, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.stage, self.reason = kind, stage, reason
+
+
+def _reason(exc: BaseException) -> str:
+    """The toolkit's own message, without the traceback it packs into its ValueErrors."""
+    text = str(exc)
+    if "Traceback (most recent call last)" in text:
+        heads = list(re.finditer(r"^\w+(?:Error|Exception): ", text, re.M))
+        if heads:
+            text = text[heads[-1].end() :]
+    text = " ".join(text.split())
+    return text or type(exc).__name__
+
+
+class _Child:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.stage = "starting the toolkit"
+
+    def enter(self, stage: str) -> None:
+        self.stage = stage
+        self.conn.send(("stage", stage))
+
+    def check(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call a toolkit function; a ValueError, a -1 return or an exit() is a build failure."""
+        try:
+            ret = fn(*args, **kwargs)
+        except SystemExit as e:
+            raise _Failure("BuildFailed", self.stage, f"{what} called exit({e.code})") from e
+        except Exception as e:  # noqa: BLE001 - any toolkit exception is its refusal
+            raise _Failure("BuildFailed", self.stage, _reason(e)) from e
+        if isinstance(ret, int) and ret != 0:
+            raise _Failure("BuildFailed", self.stage, f"{what} returned {ret}")
+        return ret
+
+
+def _child_main(mode: str, fd: int) -> int:
+    conn = Connection(fd)
+    _exit_with_parent()
+    try:
+        return _work(conn, mode)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # The parent is gone (killed, say): nobody will read what we made, or remove it.
+        _remove_own_workdir()
+        return 0
+
+
+def _work(conn: Connection, mode: str) -> int:
+    request = conn.recv()
+    child = _Child(conn)
+    try:
+        import importlib.metadata
+
+        try:
+            from rknn.api import RKNN
+        except ImportError as e:
+            reason = str(e)
+            if "pkg_resources" in reason:
+                reason += " (rknn-toolkit2 2.5.0 needs setuptools<81)"
+            raise _Failure("ToolkitNotInstalled", child.stage, reason) from e
+        try:
+            version = importlib.metadata.version("rknn-toolkit2")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        rknn = child.check("RKNN()", RKNN, verbose=False)
+        runtime = request.get("runtime")
+        if runtime and runtime.get("blob"):
+            info = _load_blob(child, rknn, runtime["blob"])
+        else:
+            info = _build(child, rknn, request)
+        info["toolkit_version"] = version
+        if mode == "compile":
+            conn.send(("done", info))
+            return 0
+        started = time.monotonic()
+        if runtime and runtime.get("blob"):
+            child.enter("connecting to the board")
+            child.check(
+                "init_runtime()",
+                rknn.init_runtime,
+                target=runtime["target"],
+                device_id=runtime.get("device_id"),
+            )
+        else:
+            child.enter("starting the simulator")
+            child.check("init_runtime()", rknn.init_runtime)
+        info["runtime_seconds"] = time.monotonic() - started
+        conn.send(("ready", info))
+    except _Failure as f:
+        conn.send(("error", f.kind, f.stage, f.reason))
+        return 1
+    _serve(conn, rknn, request["input_shapes"])
+    return 0
+
+
+def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> dict[str, Any]:
+    started = time.monotonic()
+    child.enter("configuring")
+    config: dict[str, Any] = {
+        "target_platform": request["target"],
+        "float_dtype": request["float_dtype"],
+        "optimization_level": request["optimization_level"],
+    }
+    if request["quantized_dtype"]:
+        config["quantized_dtype"] = request["quantized_dtype"]
+    if request.get("dynamic_input"):
+        config["dynamic_input"] = request["dynamic_input"]
+    child.check("config()", rknn.config, **config)
+    child.enter("loading")
+    child.check(
+        "load_onnx()",
+        rknn.load_onnx,
+        request["model_path"],
+        inputs=request["input_names"],
+        input_size_list=request["input_shapes"],
+        outputs=request["output_names"],
+    )
+    child.enter("building")
+    dataset = None
+    if request["quantized_dtype"]:
+        dataset = os.path.abspath(DATASET_NAME)
+        with open(dataset, "w") as f:
+            f.writelines(" ".join(sample) + "\n" for sample in request["dataset"])
+    child.check(
+        "build()", rknn.build, do_quantization=bool(request["quantized_dtype"]), dataset=dataset
+    )
+    info: dict[str, Any] = {"blob": None}
+    if request["export"]:
+        child.enter("exporting")
+        child.check("export_rknn()", rknn.export_rknn, os.path.abspath(request["export"]))
+        info["blob"] = request["export"]
+    info["build_seconds"] = time.monotonic() - started
+    return info
+
+
+def _load_blob(child: _Child, rknn: Any, blob: str) -> dict[str, Any]:
+    child.enter("loading the blob")
+    child.check("load_rknn()", rknn.load_rknn, blob)
+    return {"blob": None, "build_seconds": 0.0}
+
+
+def _serve(conn: Connection, rknn: Any, input_shapes: list[list[int]]) -> None:
+    formats = data_formats(input_shapes)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            _remove_own_workdir()  # the parent is gone without closing us
+            return
+        if message[0] != "run":
+            return
+        try:
+            outputs = rknn.inference(inputs=message[1], data_format=formats)
+        except Exception as e:  # noqa: BLE001 - reported to the parent, the worker lives on
+            conn.send(("failed", f"rknn-toolkit2 inference() failed: {_reason(e)}"))
+            continue
+        if outputs is None:
+            conn.send(
+                ("failed", "rknn-toolkit2 inference() returned None (see the rkort.toolkit log)")
+            )
+            continue
+        conn.send(("ok", list(outputs)))
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the process that started it is gone (it runs in its own session)."""
+    try:
+        parent = int(os.environ[PARENT_ENV])
+    except (KeyError, ValueError):
+        parent = os.getppid()
+    if os.getppid() != parent:  # gone before we started watching
+        _remove_own_workdir()
+        os._exit(0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                _remove_own_workdir()
+                os._exit(0)
+
+    threading.Thread(target=watch, name="rkort-parent-watch", daemon=True).start()
+
+
+def _remove_own_workdir() -> None:
+    """Remove this worker's temporary cwd when no parent is left to do it."""
+    cwd = os.getcwd()
+    if os.path.basename(cwd).startswith(WORKDIR_PREFIX):
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("compile", "serve"):
+        print(
+            f"usage: python -m {__spec__.name if __spec__ else __name__} {{compile|serve}} FD",
+            file=sys.stderr,
+        )
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = 1
+    try:
+        code = _child_main(argv[0], int(argv[1]))
+    except BaseException:  # noqa: BLE001 - printed for the parent's log; the exit code says it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:
+            pass
+        # Skip interpreter teardown: the toolkit's native threads and atexit hooks can hang or
+        # crash.
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
