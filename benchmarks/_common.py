@@ -331,7 +331,10 @@ class Model:
 
     @property
     def size(self) -> int:
-        return self.path.stat().st_size
+        # Remembered on first read: reports are written after the models' directory is gone.
+        if "_size" not in self.__dict__:
+            self.__dict__["_size"] = self.path.stat().st_size
+        return int(self.__dict__["_size"])
 
 
 def models_dir(default: Path) -> Path:
@@ -345,6 +348,7 @@ def mlp(directory: Path) -> Model:
     path = directory / "mlp.onnx"
     info = Model("MLP", path, {"x": ((1, 256), "float32")}, ("y",))
     if path.exists():
+        info.size  # noqa: B018 - remembered while the file exists
         return info
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -375,6 +379,7 @@ def mlp(directory: Path) -> Model:
     model.ir_version = 8
     onnx.checker.check_model(model)
     _atomic_save(lambda p: onnx.save(model, str(p)), path)
+    info.size  # noqa: B018 - remembered while the file exists
     return info
 
 
@@ -391,6 +396,7 @@ def bert(directory: Path, hidden: int = 256, layers: int = 4, name: str | None =
         ("last_hidden_state",),
     )
     if path.exists():
+        info.size  # noqa: B018 - remembered while the file exists
         return info
     log(f"exporting {path.name} with torch.onnx.export (random weights) ...")
     # transformers and torch.onnx print warnings: export in a child with its output in a log.
@@ -406,6 +412,7 @@ def bert(directory: Path, hidden: int = 256, layers: int = 4, name: str | None =
             stdin=subprocess.DEVNULL,
             check=True,
         )
+    info.size  # noqa: B018 - remembered while the file exists
     return info
 
 

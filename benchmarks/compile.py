@@ -106,20 +106,21 @@ def rkort_compile(model: c.Model) -> dict[str, Any]:
     import onnxruntime
 
     from rkort.cache import Cache
-    from rkort.engine import compile_to_cache, plan_spec
+    from rkort.engine import compile_to_cache
     from rkort.model import ModelSource
     from rkort.options import RKNNOptions
+    from rkort.planner import Planner
 
     with tempfile.TemporaryDirectory(prefix="rkort-bench-cache-") as cache_dir:
         t0 = time.perf_counter()
-        # As `rkort warmup` does: onnxruntime reads the model first, then the spec is planned.
+        # As `rkort warmup` does: onnxruntime reads the model first, then the planner decides.
         options = RKNNOptions.parse({"target": c.TARGET, "cache_dir": cache_dir, "progress": "0"})
-        sess = onnxruntime.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
-        source = ModelSource(model.path)
-        spec = plan_spec(source, sess.get_inputs(), sess.get_outputs(), options)
-        cache = Cache(cache_dir)
+        onnxruntime.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+        planner = Planner(ModelSource(model.path), options, Cache(cache_dir))
+        decision, _ = planner.decide({n: s for n, (s, _) in model.inputs.items()})
+        (part,) = decision.npu_parts
         t1 = time.perf_counter()
-        entry, built = compile_to_cache(source, spec, cache, progress=False)
+        entry, built = compile_to_cache(planner, decision, part, progress=False)
         t2 = time.perf_counter()
         if not built:
             raise RuntimeError("a fresh cache already had the blob?")
@@ -150,6 +151,7 @@ def main() -> None:
             raw_runs.append(c.run_child(me, ["raw", "--models", str(mdir)], logfile))
             c.log(f"rep {rep + 1}/{a.reps}: rkort compile_to_cache (fresh caches) ...")
             rk_runs.append({key: rkort_compile(m) for key, m in models.items()})
+        sizes = {key: m.size for key, m in models.items()}  # the files go with the directory
 
     med = statistics.median
     imp = med(r["import"] for r in raw_runs)
@@ -160,7 +162,7 @@ def main() -> None:
         raw_t = med(x["total"] for x in raw)
         rk_t = med(x["compile"] for x in rk)
         child = med(x["child_build"] for x in rk)
-        label = f"{m.name} ({c.mib(m.size)} MiB)"
+        label = f"{m.name} ({c.mib(sizes[key])} MiB)"
         rows.append([label, "raw toolkit build+export, in-process", c.secs(raw_t), "1.00x", ""])
         rows.append(
             [
@@ -198,12 +200,12 @@ def main() -> None:
         size_rows.append(
             [
                 m.name,
-                c.mib(m.size),
+                c.mib(sizes[key]),
                 c.mib(raw_size),
                 c.mib(rk_size),
                 c.ratio(rk_size, raw_size),
                 f"{int(rk_size - raw_size):+d}",
-                f"{raw_size / m.size:.0%}",
+                f"{raw_size / sizes[key]:.0%}",
                 "yes" if same else "no",
             ]
         )
@@ -220,7 +222,7 @@ def main() -> None:
                 "raw: config / load_onnx / build / export_rknn",
                 "rkort: build+export inside the child",
                 "rkort: spawn + import + cache commit",
-                "warmup prelude (ORT session + plan_spec), not in the ratio",
+                "warmup prelude (ORT session + the planner's decision), not in the ratio",
             ],
             step_rows,
         ),

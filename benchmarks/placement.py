@@ -39,7 +39,7 @@ def zoo(directory: Path) -> list[tuple[str, Path, dict[str, tuple[int, ...]]]]:
 
 
 def main() -> None:
-    from rkort.inspect_report import build_report
+    from rkort.cli.inspect import build_report
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,7 +49,7 @@ class ModelSource:
         """Hash of everything that defines the model, memoized by the cache for files on disk."""
         if self._bytes is not None:
             return cache.bytes_hash(self._bytes)
-        return cache.content_hash(self.path, self.external_files)
+        return cache.hashes.model_hash(self.path, lambda: self.external_files)
 
     @property
     def from_bytes(self) -> bool:

@@ -15,7 +15,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -308,3 +308,26 @@ def root_usable(root: Path) -> bool:
                 "RKORT_CACHE_DIR to a private directory"
             )
     return True
+
+
+def prune_order(
+    entries: Sequence[Entry], max_bytes: Optional[int], max_age: Optional[float], now: float
+) -> list[Entry]:
+    """The entries a prune removes, in order: those unused for more than ``max_age`` seconds,
+    then the least recently used until the rest fit in ``max_bytes``."""
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    if max_age is not None and max_age < 0:
+        raise ValueError(f"max_age must be >= 0, got {max_age}")
+    listed = sorted(entries, key=lambda e: e.last_used)
+    aged = [e for e in listed if max_age is not None and now - e.last_used > max_age]
+    kept = [e for e in listed if e not in aged]
+    chosen = list(aged)
+    if max_bytes is not None:
+        total = sum(e.size for e in kept)
+        for entry in kept:
+            if total <= max_bytes:
+                break
+            chosen.append(entry)
+            total -= entry.size
+    return chosen

@@ -55,9 +55,34 @@ class HashMemo:
             combined.update(bytes.fromhex(digest))
         return combined.hexdigest()
 
+    def model_hash(
+        self, path: files.StrPath, find_extra: Callable[[], Sequence[files.StrPath]]
+    ) -> str:
+        """:meth:`content_hash` of a model file and the files ``find_extra()`` names (its
+        external data), with that list memoized by the model file's stat too: an unchanged
+        model is neither read nor parsed again."""
+        real = os.path.realpath(os.fspath(path))
+        memo_path = self.root / "hashes" / f"{_name(real)}.extra.json"
+        stamp = _stamp(real, os.stat(real))
+        memo = files.read_json(memo_path) if self._ready() else None
+        if (
+            isinstance(memo, dict)
+            and memo.get("stamp") == stamp
+            and isinstance(memo.get("files"), list)
+        ):
+            extra = [str(f) for f in memo["files"]]
+        else:
+            extra = [os.fspath(f) for f in find_extra()]
+            try:
+                self._make_dir()
+                files.write_atomic(memo_path, json.dumps({"stamp": stamp, "files": extra}).encode())
+            except OSError as exc:
+                logger.debug("could not memoize the data files of %s: %s", real, exc)
+        return self.content_hash(real, extra)
+
     def file_digest(self, path: files.StrPath) -> str:
         real = os.path.realpath(os.fspath(path))
-        memo_path = self.root / "hashes" / f"{hashlib.sha256(os.fsencode(real)).hexdigest()}.json"
+        memo_path = self.root / "hashes" / f"{_name(real)}.json"
         stamp = _stamp(real, os.stat(real))
         if self._ready():
             memo = files.read_json(memo_path)
@@ -78,6 +103,10 @@ class HashMemo:
         except OSError as exc:
             logger.debug("could not memoize the hash of %s in %s: %s", real, self.root, exc)
         return digest
+
+
+def _name(real: str) -> str:
+    return hashlib.sha256(os.fsencode(real)).hexdigest()
 
 
 def bytes_hash(data: bytes) -> str:

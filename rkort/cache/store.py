@@ -63,6 +63,7 @@ from .entry import (
     dump_meta,
     ephemeral_entry,
     inspect_entry,
+    prune_order,
     root_usable,
     seal_blob,
 )
@@ -90,7 +91,8 @@ class Cache:
             else os.path.abspath(default_cache_dir())
         )
         self._locks: dict[tuple[int, str], filelock.FileLock] = {}
-        self._hashes = HashMemo(self.root, self._root_exists, lambda: self._ensure_dirs("hashes"))
+        #: Memoized content hashes of model files (:mod:`rkort.cache.hashes`).
+        self.hashes = HashMemo(self.root, self._root_exists, lambda: self._ensure_dirs("hashes"))
         #: The program records kept beside the blobs (:mod:`rkort.cache.records`).
         self.records = Records(self.root, self._root_exists, self._ensure_dirs)
         self._root_exists()
@@ -103,7 +105,12 @@ class Cache:
     def content_hash(self, path: StrPath, extra_files: Sequence[StrPath] = ()) -> str:
         """The sha256 of a model file (and its external-data files), memoized by file identity;
         see :class:`rkort.cache.hashes.HashMemo`."""
-        return self._hashes.content_hash(path, extra_files)
+        return self.hashes.content_hash(path, extra_files)
+
+    def model_hash(self, path: StrPath, find_extra: Callable[[], Sequence[StrPath]]) -> str:
+        """The content hash of a model file and its external data files, the list of which
+        ``find_extra()`` gives when the memo cannot (see :meth:`HashMemo.model_hash`)."""
+        return self.hashes.model_hash(path, find_extra)
 
     bytes_hash = staticmethod(bytes_hash)
 
@@ -315,29 +322,8 @@ class Cache:
         """Remove entries unused for more than ``max_age`` seconds, then the least recently used
         until the total size is at most ``max_bytes``. Returns the removed entries.
         """
-        if max_bytes is not None and max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        if max_age is not None and max_age < 0:
-            raise ValueError(f"max_age must be >= 0, got {max_age}")
-        listed = sorted(self.entries(), key=lambda e: e.last_used)
-        now = time.time()
-        removed: list[Entry] = []
-        kept: list[Entry] = []
-        for entry in listed:
-            if max_age is not None and now - entry.last_used > max_age:
-                if self.remove(entry.key):
-                    removed.append(entry)
-            else:
-                kept.append(entry)
-        if max_bytes is not None:
-            total = sum(e.size for e in kept)
-            for entry in kept:
-                if total <= max_bytes:
-                    break
-                if self.remove(entry.key):
-                    removed.append(entry)
-                total -= entry.size
-        return removed
+        order = prune_order(self.entries(), max_bytes, max_age, time.time())
+        return [entry for entry in order if self.remove(entry.key)]
 
     # -- internals -----------------------------------------------------------------------------
 
