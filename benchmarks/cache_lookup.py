@@ -86,9 +86,9 @@ def open_parts(model: c.Model, reps: int, tmp: Path) -> dict[str, list[float]]:
 
     import rkort
     from rkort.cache import Cache
-    from rkort.engine import blob_meta
     from rkort.model import ModelSource
     from rkort.options import RKNNOptions
+    from rkort.parts import blob_meta
     from rkort.planner import Part, Planner
 
     root = tmp / "open-cache"
@@ -107,18 +107,16 @@ def open_parts(model: c.Model, reps: int, tmp: Path) -> dict[str, list[float]]:
 
     # Warm the cache once, as `rkort warmup` does: the decision is recorded and its blob (a
     # stand-in here) put under the real key.
-    src = ModelSource(model.path)
     cache = Cache(root)
-    planner = Planner(src, options, cache, tmp / "segments")
+    warming = Planner(ModelSource(model.path), options, cache, tmp / "segments")
 
     def build(part: Part) -> None:
         assert part.spec is not None and part.key is not None
-        cache.get_or_build(part.key, stand_in, blob_meta(src, part.spec))
+        cache.get_or_build(part.key, stand_in, blob_meta(warming, part.spec))
 
-    decision, _ = planner.decide(signature, build)
+    decision, _ = warming.decide(signature, build)
     (part,) = decision.npu_parts
     key = part.key
-    del planner, src
 
     parts: dict[str, list[float]] = {
         k: [] for k in ("ort_session", "rkort_cpu_session", "proto", "decide", "get", "key_cold")

@@ -3,7 +3,7 @@
 Raw: ``RKNN()`` + ``config(target_platform=rk3588)`` + ``load_onnx`` + ``build(do_quantization=False)``
 + ``export_rknn``, timed in-process in a process that has already imported the toolkit and built
 once (the import is timed separately: a fresh process pays it too).
-rkort: what ``rkort warmup`` does, ``rkort.engine.compile_to_cache`` through a fresh private cache,
+rkort: what ``rkort warmup`` does, ``rkort.parts.compile_to_cache`` through a fresh private cache,
 which runs the toolkit in a child process (spawn + toolkit import + the same calls + cache commit).
 Each rep runs the raw child, then rkort, for every model; medians over the reps.
 
@@ -106,9 +106,9 @@ def rkort_compile(model: c.Model) -> dict[str, Any]:
     import onnxruntime
 
     from rkort.cache import Cache
-    from rkort.engine import compile_to_cache
     from rkort.model import ModelSource
     from rkort.options import RKNNOptions
+    from rkort.parts import compile_to_cache
     from rkort.planner import Planner
 
     with tempfile.TemporaryDirectory(prefix="rkort-bench-cache-") as cache_dir:

@@ -15,7 +15,7 @@ globals().update({k: v for k, v in vars(_ort).items() if not k.startswith("_") a
 from . import capi  # noqa: E402,F401
 from .integrations.install import install  # noqa: E402,F401
 from .providers import get_all_providers, get_available_providers  # noqa: E402,F401
-from .session import InferenceSession, IOBinding  # noqa: E402,F401
+from .session import InferenceSession, IOBinding, session_stats  # noqa: E402,F401
 from .version import __version__  # noqa: E402,F401
 
 #: The version of the onnxruntime rkort runs its CPU work on.

@@ -51,6 +51,16 @@ class Oversize(Exception):
     """An input is longer than the largest bucket (the message names input, length and limit)."""
 
 
+class NotWarmed(Exception):
+    """No signature the session may use fits these inputs (on a machine without the converter:
+    none of the shapes warmed into the cache). ``wanted`` is the signature the configured buckets
+    would give them (None when they are beyond those too)."""
+
+    def __init__(self, wanted: tuple[tuple[int, ...], ...] | None) -> None:
+        super().__init__("no warmed shape fits these inputs")
+        self.wanted = wanted
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """How one run() maps onto compiled shapes: the static signature to run, the batch chunks,
@@ -85,6 +95,8 @@ class ShapePolicy:
         self.output_dims: list[list[Dim]] = [list(o.shape) for o in outputs]
         self.kind: dict[str, str] = {}
         self.buckets: dict[str, tuple[int, ...]] = {}
+        #: When set (:meth:`restrict`), the only signatures to use, cheapest first.
+        self.allowed: list[tuple[tuple[int, ...], ...]] | None = None
         if self.static:
             self.pad_values: list[float] = [0.0] * len(inputs)
             return
@@ -173,18 +185,81 @@ class ShapePolicy:
             tuple(d if isinstance(d, int) else sizes[d] for d in dims) for dims in self.input_dims
         )
 
+    def restrict(self, signatures: Sequence[tuple[tuple[int, ...], ...]]) -> None:
+        """Use only these signatures (the shapes warmed into the cache): an input goes to the
+        cheapest one it fits; :meth:`plan` raises :class:`NotWarmed` when none does."""
+        self.allowed = sorted(set(signatures), key=_elements)
+
     def plan(self, arrays: Sequence[np.ndarray]) -> RunPlan | None:
         """The plan for these (validated) inputs; None when onnxruntime should run them (an
         empty dim, or sizes that disagree for one symbol)."""
-        if self.static:
-            return RunPlan(tuple(a.shape for a in arrays), (slice(None),), {})
+        if self.allowed is not None:
+            return self._plan_allowed(arrays)
+        return self._plan(arrays)
+
+    def _plan_allowed(self, arrays: Sequence[np.ndarray]) -> RunPlan | None:
+        actual = self._actual(arrays)
+        if actual is None or any(v == 0 for v in actual.values()):
+            return None
+        assert self.allowed is not None
+        batch = self.batch_symbol()
+        fitting = [s for s in self.allowed if self._fits(s, actual, None)]
+        if fitting:
+            return RunPlan(fitting[0], (slice(None),), actual)
+        if batch is not None:
+            # A batch larger than every warmed batch runs in chunks of the largest that fits.
+            others = [s for s in self.allowed if self._fits(s, actual, batch)]
+            if others:
+                size = max(self.size_of(s, batch) for s in others)
+                best = next(s for s in others if self.size_of(s, batch) == size)
+                n = actual[batch]
+                chunks = tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
+                return RunPlan(best, chunks, actual)
+        try:
+            wanted = self._plan(arrays)
+        except Oversize:
+            wanted = None
+        raise NotWarmed(wanted.signature if wanted is not None else None)
+
+    def _fits(
+        self, signature: tuple[tuple[int, ...], ...], actual: Mapping[str, int], skip: str | None
+    ) -> bool:
+        for dims, shape in zip(self.input_dims, signature):
+            if len(dims) != len(shape):
+                return False
+            for d, size in zip(dims, shape):
+                if isinstance(d, int):
+                    if d != size:
+                        return False
+                elif d == skip:
+                    continue
+                elif self.kind.get(d, "exact") == "exact":
+                    if size != actual[d]:
+                        return False
+                elif size < actual[d]:
+                    return False
+        return True
+
+    def size_of(self, signature: tuple[tuple[int, ...], ...], symbol: str) -> int:
+        for dims, shape in zip(self.input_dims, signature):
+            if symbol in dims:
+                return shape[dims.index(symbol)]
+        return 0
+
+    def _actual(self, arrays: Sequence[np.ndarray]) -> dict[str, int] | None:
         actual: dict[str, int] = {}
         for dims, a in zip(self.input_dims, arrays):
             for axis, d in enumerate(dims):
                 if isinstance(d, str):
                     if actual.setdefault(d, a.shape[axis]) != a.shape[axis]:
                         return None
-        if any(v == 0 for v in actual.values()):
+        return actual
+
+    def _plan(self, arrays: Sequence[np.ndarray]) -> RunPlan | None:
+        if self.static:
+            return RunPlan(tuple(a.shape for a in arrays), (slice(None),), {})
+        actual = self._actual(arrays)
+        if actual is None or any(v == 0 for v in actual.values()):
             return None
         chunk = None
         sizes: dict[str, int] = {}
@@ -295,6 +370,10 @@ def _max_positions(model: onnx.ModelProto) -> int | None:
         if "position_embedding" in t.name.lower() and len(t.dims) == 2:
             return int(t.dims[0])
     return None
+
+
+def _elements(signature: tuple[tuple[int, ...], ...]) -> int:
+    return sum(math.prod(shape) for shape in signature)
 
 
 def waste(lengths: Sequence[int], buckets: Sequence[int]) -> float:

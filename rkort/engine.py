@@ -1,11 +1,11 @@
 """The RKNN side of a session: inputs padded to a bucket signature, one program per signature
 (decided by the planner, its blobs through the cache, run on the backend this machine has),
-outputs sliced back."""
+outputs sliced back. A call the NPU cannot answer goes to the CPU for that call only, counted."""
 
 from __future__ import annotations
 
 import logging
-import shutil
+import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -16,53 +16,32 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from .backends.base import Opening, Runner, RunnerClosed
-from .buckets import Oversize, ShapePolicy
-from .cache import Cache, Entry
-from .compiler import compile_blob
+from .backends.base import Runner, RunnerClosed, RunnerDied, RunnerError
+from .buckets import NotWarmed, Oversize, ShapePolicy
+from .cache import Cache
 from .decision import Decision, Part
 from .errors import InvalidArgument, Unsupported, ort_error
 from .feed import cast_output, dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
+from .parts import MissingBlob, PartOpener
 from .planner import Planner
-from .platform import toolkit_lite_version, toolkit_version
 from .program import Program
-from .spec import BuildSpec
+from .shapes import signature_of
+from .spec import CompileError
+from .stats import SessionStats
 
 log = logging.getLogger("rkort")
 
 Signature = tuple[tuple[int, ...], ...]
 
 
-def runtime_version() -> str:
-    """The RKNN toolchain version blobs are made for: the converter's, else the board runtime's."""
-    return toolkit_version() or toolkit_lite_version() or "unknown"
+class CpuCall(Exception):
+    """This call runs on the CPU (onnxruntime answers it), for ``reason``; RKNN stays."""
 
-
-def blob_meta(model: ModelSource, spec: BuildSpec) -> dict[str, Any]:
-    """What a cache entry says about the blob it holds."""
-    return {
-        "model": str(model.path),
-        "target": spec.target,
-        "inputs": {n: list(s) for n, s in zip(spec.input_names, spec.input_shapes)},
-        "dtype": spec.quantized_dtype or spec.float_dtype,
-        "toolkit": runtime_version(),
-    }
-
-
-def compile_to_cache(
-    planner: Planner, decision: Decision, part: Part, progress: bool | None = None
-) -> tuple[Entry, bool]:
-    """Make sure the blob of an NPU part is in the cache; True when this call compiled it."""
-    assert part.spec is not None and part.key is not None
-    planner.ensure_file(decision, part)
-    spec = part.spec
-    return planner.cache.get_or_build(
-        part.key,
-        lambda dest: compile_blob(spec, dest, progress=progress),
-        blob_meta(planner.source, spec),
-    )
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def make_policy(
@@ -95,13 +74,20 @@ def multi_shape_part(
         return None
     last = decisions[-1].parts[0]
     assert last.spec is not None
-    spec = replace(last.spec, dynamic_input=tuple(d.parts[0].spec.input_shapes for d in decisions))  # type: ignore[union-attr]
+    shapes = tuple(d.parts[0].spec.input_shapes for d in decisions)  # type: ignore[union-attr]
+    spec = replace(last.spec, dynamic_input=shapes)
     return replace(last, spec=spec, key=planner.blob_key(spec, last.source, last.nodes))
 
 
 class RKNNEngine:
     """Runs a model on RKNN: inputs padded to a bucket signature, one program (and its open
-    runners, for at most ``max_live_shapes`` signatures) per signature, outputs sliced back."""
+    runners, for at most ``max_live_shapes`` signatures) per signature, outputs sliced back.
+
+    Where nothing can compile (a board without the converter), the signatures are the ones
+    warmed into the cache. A signature that cannot run on the NPU (missing from the cache, a
+    blob the runtime refuses, a build that fails) is remembered and its calls go to the CPU
+    (:class:`CpuCall`); only a device that is gone (RunnerDied) ends RKNN for the session.
+    """
 
     def __init__(
         self,
@@ -109,16 +95,17 @@ class RKNNEngine:
         inputs: Sequence[Any],
         outputs: Sequence[Any],
         options: RKNNOptions,
-        sess_options: Any = None,
+        stats: SessionStats | None = None,
     ) -> None:
         self.options = options
         for arg in [*inputs, *outputs]:
             _tensor_dtype(arg)
         self.backend = backends.choose(options)
         self.cache = Cache(options.cache_dir)
+        self.stats = stats if stats is not None else SessionStats(model.path.name)
         self._model = model
-        self._sess_options = sess_options
         self.planner = Planner(model, options, self.cache)
+        self.parts = PartOpener(self.planner, self.backend, options, self.stats)
         self.input_names = tuple(i.name for i in inputs)
         self.output_names = tuple(o.name for o in outputs)
         self.output_dtypes = tuple(_tensor_dtype(o) for o in outputs)
@@ -127,22 +114,80 @@ class RKNNEngine:
         #: Every signature a program was opened for, in order (a compile or a cache load each).
         self.opened: list[Signature] = []
         self._programs: OrderedDict[Signature, Program] = OrderedDict()
+        self._failed: dict[Signature, str] = {}
         self._lock = threading.Lock()
         self._closed = False
-        # Open one signature now, so a model RKNN cannot run falls back when the session opens.
-        signatures = self.policy.signatures()
-        if options.shape_mode == "dynamic" and len(signatures) > 1:
-            self._open_multi_shape(signatures)
-        if signatures and not self._programs:
-            first = self._program_for(signatures[0])
-            if not first.npu_segments:
-                self.close()
-                raise Unsupported(
-                    f"no part of this model can run on the NPU for {options.target}: "
-                    f"{'; '.join(first.decision.cpu_reasons[:5])}"
-                )
+        try:
+            self._open_first()
+        except BaseException:
+            self.close()
+            raise
 
-    # -- programs --
+    # -- opening --
+
+    def _open_first(self) -> None:
+        """Open one program now, so a model RKNN cannot run falls back when the session opens."""
+        if not self.parts.can_build:
+            warmed = [
+                tuple(d.signature[n] for n in self.input_names)
+                for d in self.planner.warmed()
+                if d.npu_parts and set(d.signature) == set(self.input_names)
+            ]
+            if not warmed:
+                raise Unsupported(
+                    f"the cache at {self.cache.root} holds no compiled blob of "
+                    f"{self._model.path.name} for {self.options.target} ({self._dtype}), and "
+                    "there is no converter here to build one; on a build host run "
+                    f"`{self._warmup_command(None)}` and copy the cache here"
+                )
+            self.policy.restrict(warmed)
+            candidates = list(self.policy.allowed or [])
+        else:
+            candidates = self.policy.signatures()
+            if self.options.shape_mode == "dynamic" and len(candidates) > 1:
+                self._open_multi_shape(candidates)
+                if self._programs:
+                    return
+            if not candidates:
+                self._check_npu_work()
+                return
+            candidates = candidates[:1]  # a failed build here is worth trying only once
+        problems = []
+        for sig in candidates:
+            try:
+                program = self._program_for(sig)
+            except CpuCall as e:
+                problems.append(e.reason)
+                continue
+            if not program.npu_segments:
+                raise Unsupported(
+                    f"no part of this model can run on the NPU for {self.options.target}: "
+                    f"{'; '.join(program.decision.cpu_reasons[:5])}"
+                )
+            return
+        raise Unsupported("; ".join(dict.fromkeys(problems)))
+
+    def _check_npu_work(self) -> None:
+        """For a model whose dims are all compiled per size: some node must be NPU work."""
+        sig = signature_of(self._model.proto, {}, fill=1)
+        decision, _ = self.planner.decide(sig)
+        if not decision.npu_parts:
+            raise Unsupported(
+                f"no part of this model can run on the NPU for {self.options.target}: "
+                f"{'; '.join(decision.cpu_reasons[:5])}"
+            )
+
+    def _open_multi_shape(self, signatures: list[Signature]) -> None:
+        part = multi_shape_part(self.planner, [self._named(s) for s in signatures])
+        if part is None:
+            return
+        decision = self.planner.decide(self._named(signatures[-1]))[0]
+        runner = _Shared(self.parts.open(decision, part))
+        for sig in signatures:
+            one = self.planner.decide(self._named(sig))[0]
+            shaped = _Shaped(runner, one.parts[0].spec.output_shapes)  # type: ignore[union-attr]
+            self._programs[sig] = Program(one, _Always(shaped), _no_cpu)
+        self.opened.append(part.spec.input_shapes)  # type: ignore[union-attr]
 
     def _named(self, signature: Signature) -> dict[str, tuple[int, ...]]:
         return dict(zip(self.input_names, signature))
@@ -151,82 +196,54 @@ class RKNNEngine:
         with self._lock:
             if self._closed:
                 raise RunnerClosed("this session's RKNN engine is closed")
+            failed = self._failed.get(signature)
+            if failed is not None:
+                raise CpuCall(failed)
             found = self._programs.get(signature)
             if found is not None:
                 self._programs.move_to_end(signature)
                 return found
-            build = self._build if self._can_build() else None
-            decision, handles = self.planner.decide(self._named(signature), build)
-
-            def open_npu(part: Part) -> Runner:
-                handle = handles.pop(part.key or "", None)
-                return handle if handle is not None else self._open(decision, part)
-
-            constants = (
-                self.planner.files(dict(decision.signature)).constants(decision.constant_outputs)
-                if decision.constant_outputs
-                else {}
-            )
-            program = Program(decision, open_npu, lambda part: self._cpu(decision, part), constants)
+            try:
+                program = self._open_program(signature)
+            except MissingBlob:
+                raise CpuCall(self._missing(signature)) from None
+            except (CompileError, RunnerError, OSError) as e:
+                shape = _shape_text(self.input_names, signature)
+                reason = f"the NPU program for {shape} could not be opened: {type(e).__name__}: {e}"
+                self._failed[signature] = reason
+                log.warning("%s: %s; calls of this shape run on the CPU", self._name, reason)
+                raise CpuCall(reason) from e
             self.opened.append(signature)
             self._remember(signature, program)
             return program
+
+    def _open_program(self, signature: Signature) -> Program:
+        named = self._named(signature)
+        can_build = self.parts.can_build
+        decision, handles = self.planner.decide(
+            named, (lambda part: self.parts.build(part, named)) if can_build else None
+        )
+        if not can_build and not decision.recorded:
+            raise MissingBlob(f"no program record for {named}")
+
+        def open_npu(part: Part) -> Runner:
+            handle = handles.pop(part.key or "", None)
+            return handle if handle is not None else self.parts.open(decision, part)
+
+        constants = (
+            self.planner.files(dict(decision.signature)).constants(decision.constant_outputs)
+            if decision.constant_outputs
+            else {}
+        )
+        return Program(decision, open_npu, lambda part: self._cpu(decision, part), constants)
 
     def _remember(self, signature: Signature, program: Program) -> None:
         self._programs[signature] = program
         while len(self._programs) > self.options.max_live_shapes:
             old_sig, old = self._programs.popitem(last=False)
-            log.info("closing the least recently used compiled shape of %s", self._model.path.name)
+            log.info("closing the least recently used compiled shape of %s", self._name)
             old.close()
             self.planner.forget(self._named(old_sig))
-
-    def _open_multi_shape(self, signatures: list[Signature]) -> None:
-        part = multi_shape_part(self.planner, [self._named(s) for s in signatures])
-        if part is None:
-            return
-        decision = self.planner.decide(self._named(signatures[-1]))[0]
-        runner = _Shared(self._open(decision, part))
-        for sig in signatures:
-            one = self.planner.decide(self._named(sig))[0]
-            shaped = _Shaped(runner, one.parts[0].spec.output_shapes)  # type: ignore[union-attr]
-            self._programs[sig] = Program(one, _Always(shaped), self._no_cpu)
-        self.opened.append(part.spec.input_shapes)  # type: ignore[union-attr]
-
-    def _can_build(self) -> bool:
-        return self.backend.builds or toolkit_version() is not None
-
-    def _build(self, part: Part) -> Runner:
-        """A trial build of an NPU part that also opens it (through the cache)."""
-        assert part.spec is not None and part.key is not None
-        spec, progress = part.spec, self.options.progress
-        if self.backend.builds:
-            # The simulator runs only what it built in-process, so one build both fills the
-            # cache (for boards and `rkort warmup`) and serves this session.
-            built: list[Runner] = []
-
-            def build(dest: Path) -> dict[str, Any]:
-                built.append(self.backend.open(Opening(spec, export_to=dest, progress=progress)))
-                return {}
-
-            entry, made = self.cache.get_or_build(part.key, build, blob_meta(self._model, spec))
-            _log_entry(entry, made, spec)
-            _discard_ephemeral(entry)
-            return built[0] if built else self.backend.open(Opening(spec, progress=progress))
-        entry, made = self.cache.get_or_build(
-            part.key,
-            lambda dest: compile_blob(spec, dest, progress=progress),
-            blob_meta(self._model, spec),
-        )
-        _log_entry(entry, made, spec)
-        try:
-            return self.backend.open(Opening(spec, blob=entry.blob_path, options=self.options))
-        finally:
-            _discard_ephemeral(entry)  # the runtime holds the blob once it is open
-
-    def _open(self, decision: Decision, part: Part) -> Runner:
-        """Open an NPU part no trial build opened (its decision came from the cache's record)."""
-        self.planner.ensure_file(decision, part)
-        return self._build(part)
 
     def _cpu(self, decision: Decision, part: Part) -> tuple[Any, Path]:
         # onnxruntime's own class, even when rkort.install() has put rkort's in its place.
@@ -235,9 +252,61 @@ class RKNNEngine:
         path = self.planner.cpu_file(decision, part)
         return InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
 
-    @staticmethod
-    def _no_cpu(part: Part) -> tuple[Any, Path]:
-        raise AssertionError("a multi-shape program has no CPU part")
+    # -- shapes missing from the cache --
+
+    @property
+    def _name(self) -> str:
+        return self._model.path.name
+
+    @property
+    def _dtype(self) -> str:
+        return self.options.quantized_dtype or "fp16"
+
+    def _missing(self, signature: Signature | None, arrays: Sequence[np.ndarray] = ()) -> str:
+        """Remember (and warn once about) a shape the cache lacks; the reason for the call."""
+        reason = "shape missing from the cache"
+        if signature is not None:
+            self._failed.setdefault(signature, reason)
+        shapes = signature if signature is not None else tuple(a.shape for a in arrays)
+        shape = _shape_text(self.input_names, shapes)
+        command = self._warmup_command(signature)
+        if self.stats.missing(shape, command):
+            log.warning(
+                "%s: the cache at %s has no compiled blob for %s (%s, %s); calls of this shape run "
+                "on the CPU. A build host adds it with: %s",
+                self._name,
+                self.cache.root,
+                shape,
+                self.options.target,
+                self._dtype,
+                command,
+            )
+        return reason
+
+    def _warmup_command(self, signature: Signature | None) -> str:
+        """The `rkort warmup` command that adds ``signature`` (with the shapes already warmed)."""
+        words = ["rkort", "warmup", str(self._model.path), "--target", self.options.target]
+        if self.options.quantized_dtype:
+            words += [
+                "--dtype",
+                self.options.quantized_dtype,
+                "--dataset",
+                str(self.options.dataset),
+            ]
+        if self.options.cpu_ops:
+            words += ["--cpu-ops", ",".join(self.options.cpu_ops)]
+        padded = self.policy.padded_symbols
+        if signature is None or not padded or self.policy.exact:
+            if signature is not None:
+                for name, shape in zip(self.input_names, signature):
+                    words += ["--shape", f"{name}={'x'.join(map(str, shape))}"]
+            return shlex.join(words)
+        known = [*(self.policy.allowed or []), signature]
+        for symbol in padded:
+            sizes = sorted({self.policy.size_of(s, symbol) for s in known})
+            flag = "--buckets" if self.policy.kind[symbol] == "sequence" else "--batch-buckets"
+            words += [flag, ",".join(map(str, sizes))]
+        return shlex.join(words)
 
     # -- running --
 
@@ -246,22 +315,22 @@ class RKNNEngine:
         arrays: Sequence[np.ndarray],
         profile: dict[str, Any] | None = None,
         on_segment: Any = None,
-    ) -> list[np.ndarray] | None:
-        """Outputs in model order and declared dtypes; None when onnxruntime should run these
-        inputs instead (an empty dim; an oversize input with ``oversize=cpu``)."""
+    ) -> list[np.ndarray]:
+        """Outputs in model order and declared dtypes. Raises :class:`CpuCall` when onnxruntime
+        should answer this call instead (and why)."""
         try:
             plan = self.policy.plan(arrays)
         except Oversize as e:
             if self.options.oversize_to_cpu:
-                log.info("%s; running this call on the CPU", e)
-                return None
+                raise CpuCall(f"longer than the largest bucket ({e})") from None
             raise ort_error(InvalidArgument, str(e)) from None
+        except NotWarmed as e:
+            raise CpuCall(self._missing(e.wanted, arrays)) from None
         if plan is None:
-            return None
+            raise CpuCall("an empty dimension, or sizes that disagree for one dim")
         if self._fp16 and any(_beyond_fp16(a) for a in arrays):
             # An fp16 build would turn these values into inf/NaN: a wrong answer, never given.
-            log.info("an input holds values beyond float16's range; running this call on the CPU")
-            return None
+            raise CpuCall("an input holds values beyond float16's range")
         if profile is not None:
             profile["signature"] = [list(s) for s in plan.signature]
             profile["chunks"] = len(plan.chunks)
@@ -280,6 +349,11 @@ class RKNNEngine:
             except RunnerClosed:
                 if attempt or self._closed:
                     raise
+            except RunnerDied:
+                raise
+            except RunnerError as e:
+                # The runtime refused this very feed and still works: onnxruntime answers it.
+                raise CpuCall(f"the NPU runtime refused this call: {e}") from e
         return [cast_output(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)]
 
     def close(self) -> None:
@@ -301,6 +375,10 @@ def _beyond_fp16(a: np.ndarray) -> bool:
         return False
     big = np.abs(a) > _FP16_MAX
     return bool(big.any() and np.isfinite(a[big]).any())
+
+
+def _shape_text(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
+    return ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in zip(names, shapes))
 
 
 class _Shared(Runner):
@@ -355,17 +433,8 @@ class _Always:
         return self.runner
 
 
-def _log_entry(entry: Entry, built: bool, spec: BuildSpec) -> None:
-    shapes = ", ".join(f"{n}={list(s)}" for n, s in zip(spec.input_names, spec.input_shapes))
-    if built:
-        log.info("compiled %s for %s (%s) into %s", spec.model_name, spec.target, shapes, entry.dir)
-    else:
-        log.info("using cached blob %s for %s (%s)", entry.key[:12], spec.model_name, shapes)
-
-
-def _discard_ephemeral(entry: Entry) -> None:
-    if entry.ephemeral:
-        shutil.rmtree(entry.dir, ignore_errors=True)
+def _no_cpu(part: Part) -> tuple[Any, Path]:
+    raise AssertionError("a multi-shape program has no CPU part")
 
 
 def _tensor_dtype(arg: Any) -> np.dtype:

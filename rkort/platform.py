@@ -1,7 +1,11 @@
 """What this machine is: a Rockchip board (which SoC, which NPU driver and runtime) or a host, and
 which RKNN packages this Python can use.
 
-Everything here reads files or package metadata; nothing imports the toolkit or starts a process.
+The SoC comes from ``RKORT_BOARD`` when set (containers hide the device tree), else from the
+device tree (``/proc/device-tree/compatible``, then ``/sys/firmware``). The board runtime's
+version comes from ``librknnrt.so`` itself: ``RKORT_LIBRKNNRT`` names the file when it is not in
+a standard place. Everything here reads files, the environment or package metadata; nothing
+imports the toolkit or starts a process.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import mmap
+import os
 import re
 from pathlib import Path
 
@@ -39,6 +44,12 @@ _NPU_VERSION_FILES = (
     Path("/proc/debug/rknpu/version"),
     Path("/sys/module/rknpu/version"),
 )
+#: Declares the SoC where detection cannot see it (a container), e.g. ``RKORT_BOARD=rk3588``.
+BOARD_ENV = "RKORT_BOARD"
+#: The board runtime's library, where it is not in a standard place.
+LIBRKNNRT_ENV = "RKORT_LIBRKNNRT"
+#: NPU cores per SoC (the others have one).
+_CORES = {"rk3588": 3, "rk3576": 2}
 _LIBRKNNRT_FILES = (
     Path("/usr/lib/librknnrt.so"),
     Path("/usr/lib64/librknnrt.so"),
@@ -66,9 +77,21 @@ def _rockchip_socs() -> tuple[str, ...]:
     )
 
 
+def _declared_soc() -> str | None:
+    value = os.environ.get(BOARD_ENV, "").strip().lower()
+    if not value:
+        return None
+    value = value.split(",", 1)[-1]  # "rockchip,rk3588" as the device tree writes it
+    if not re.fullmatch(r"r[kv]\d{4}[a-z]?", value):
+        raise ValueError(
+            f"{BOARD_ENV}={os.environ[BOARD_ENV]!r} is not a Rockchip SoC name (e.g. rk3588)"
+        )
+    return value
+
+
 def is_board() -> bool:
-    """True on a machine whose device tree names a Rockchip SoC."""
-    return bool(_rockchip_socs())
+    """True on a Rockchip board: ``RKORT_BOARD`` declares one, or the device tree names one."""
+    return _declared_soc() is not None or bool(_rockchip_socs())
 
 
 def board_soc() -> str | None:
@@ -76,7 +99,8 @@ def board_soc() -> str | None:
 
     Variants with the same NPU are reported as their target name (RK3588S -> ``"rk3588"``).
     """
-    socs = _rockchip_socs()
+    declared = _declared_soc()
+    socs = (declared,) if declared is not None else _rockchip_socs()
     if not socs:
         return None
     for soc in socs:
@@ -105,9 +129,15 @@ def npu_driver_version() -> str | None:
     return None
 
 
+def cores_of(soc: str) -> int:
+    """How many NPU cores a SoC has (RK3588: 3, RK3576: 2, the others 1)."""
+    return _CORES.get(soc, 1)
+
+
 def librknnrt_version() -> str | None:
     """The board runtime's version (``"2.3.2"``) read from ``librknnrt.so``'s own strings."""
-    for path in _LIBRKNNRT_FILES:
+    declared = os.environ.get(LIBRKNNRT_ENV)
+    for path in [Path(declared)] if declared else _LIBRKNNRT_FILES:
         version = _librknnrt_version_in(path)
         if version:
             return version

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import collections.abc
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as _ort
 
-from .backends.base import RunnerDied, RunnerError
-from .engine import RKNNEngine
+from .backends.base import RunnerDied
+from .engine import CpuCall, RKNNEngine
 from .errors import EPFail, Unsupported, ort_error
 from .feed import dtype_of, output_indices, prepare
 from .model import ModelSource
 from .options import ALIASES, PROVIDER, RKNNOptions
 from .profiling import Profiler
 from .spec import CompileError
+from .stats import SessionStats
 
 log = logging.getLogger("rkort")
 
@@ -115,7 +117,12 @@ class InferenceSession(_ort.InferenceSession):
         self._profiler: Profiler | None = None
         self._rknn_options: dict[str, str] = {}
         self._source: ModelSource | None = None
+        name = os.path.basename(os.fspath(path_or_bytes)) if _is_path(path_or_bytes) else "<bytes>"
+        self._stats = SessionStats(name)
+        #: Why calls run on the CPU while no RKNN engine runs this session.
+        self._cpu_reason = f"{PROVIDER} was not asked for"
         super().__init__(path_or_bytes, sess_options, providers, provider_options, **kwargs)
+        self._stats.providers = self.get_providers()
 
     # onnxruntime's __init__ and set_providers() both come through here.
     def _create_inference_session(self, providers, provider_options, disabled_optimizers=None):  # type: ignore[no-untyped-def]
@@ -130,8 +137,10 @@ class InferenceSession(_ort.InferenceSession):
         rknn_options, rest, rest_options = split_providers(providers, provider_options)
         options = RKNNOptions.parse(rknn_options) if rknn_options is not None else None
         super()._create_inference_session(rest, rest_options, disabled_optimizers)
+        self._cpu_reason = f"{PROVIDER} was not asked for"
         if options is not None:
             self._start_rknn(options)
+        self._stats.providers = self.get_providers()
 
     def _start_rknn(self, options: RKNNOptions) -> None:
         if self._source is None:
@@ -139,7 +148,9 @@ class InferenceSession(_ort.InferenceSession):
                 self._model_path if self._model_path is not None else self._model_bytes
             )
         try:
-            engine = RKNNEngine(self._source, self.get_inputs(), self.get_outputs(), options)
+            engine = RKNNEngine(
+                self._source, self.get_inputs(), self.get_outputs(), options, self._stats
+            )
         except Exception as e:  # noqa: BLE001 - every RKNN failure means: the next provider runs it
             if not isinstance(e, (Unsupported, CompileError, OSError)):
                 log.debug("RKNN setup failed unexpectedly", exc_info=True)
@@ -152,6 +163,7 @@ class InferenceSession(_ort.InferenceSession):
                 self.get_providers(),
                 reason,
             )
+            self._cpu_reason = f"{PROVIDER} cannot run this model: {reason}"
             return
         self._rknn = engine
         self._rknn_options = dict(options.raw)
@@ -175,37 +187,41 @@ class InferenceSession(_ort.InferenceSession):
         """Compute the outputs (all when ``output_names`` is None or empty), as onnxruntime does."""
         engine = self._rknn
         if engine is None:
-            return super().run(output_names, input_feed, run_options)
+            outs = super().run(output_names, input_feed, run_options)
+            self._stats.cpu(self._cpu_reason)
+            return outs
         self._validate_input(list(input_feed.keys()))
         arrays = prepare(input_feed, engine.input_names, *self._input_signature())
         picks = output_indices(output_names, engine.output_names)
         if arrays is None or picks is None:
             # onnxruntime's own session raises its own error for this feed (or, when it takes
             # it after all, computes what onnxruntime would).
-            return self._sess.run(
+            outs = self._sess.run(
                 output_names or list(engine.output_names), input_feed, run_options
             )
+            self._stats.cpu(
+                "a feed onnxruntime takes in a form rkort does not: onnxruntime runs it"
+            )
+            return outs
         try:
             if self._profiler is None:
-                outs = engine.run(arrays)
+                result = engine.run(arrays)
             else:
                 with self._profiler.event(f"{PROVIDER}_run", provider=PROVIDER) as args:
-                    outs = engine.run(arrays, args, self._profiler.segment_hook())
-        except (CompileError, RunnerDied) as e:
-            # A shape first seen now could not be compiled, or the device context is gone: as
-            # onnxruntime does when an execution provider fails, warn and fall back.
+                    result = engine.run(arrays, args, self._profiler.segment_hook())
+        except CpuCall as e:
+            reason = e.reason
+        except RunnerDied as e:
+            # The device context is gone: as onnxruntime does when an execution provider
+            # fails, warn and fall back for good.
             self._rknn_failed(e)
-            outs = None
-        except RunnerError:
-            # The runtime refused this very feed and still works: onnxruntime answers it, with
-            # its own error for the same input or with its result.
-            log.debug("RKNN refused this feed; onnxruntime answers it", exc_info=True)
-            outs = None
-        if outs is None:
-            return self._sess.run(
-                output_names or list(engine.output_names), input_feed, run_options
-            )
-        return _pick(outs, picks)
+            reason = self._cpu_reason
+        else:
+            self._stats.npu()
+            return _pick(result, picks)
+        outs = self._sess.run(output_names or list(engine.output_names), input_feed, run_options)
+        self._stats.cpu(reason)
+        return outs
 
     def _rknn_failed(self, error: Exception) -> None:
         reason = f"{type(error).__name__}: {error}"
@@ -215,7 +231,9 @@ class InferenceSession(_ort.InferenceSession):
             "%s failed, the session now runs on %s: %s", PROVIDER, self.get_providers()[1:], reason
         )
         self._close_rknn()
+        self._cpu_reason = f"{PROVIDER} failed: {reason}"
         self._providers = [p for p in self.get_providers() if p != PROVIDER]
+        self._stats.providers = self.get_providers()
         self._provider_options = {
             k: v for k, v in self.get_provider_options().items() if k != PROVIDER
         }
@@ -234,12 +252,16 @@ class InferenceSession(_ort.InferenceSession):
     def run_with_ort_values(self, output_names, input_dict_ort_values, run_options=None):  # type: ignore[no-untyped-def]
         """As onnxruntime's: OrtValues in, OrtValues out."""
         if self._rknn is None:
-            return super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+            outs = super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+            self._stats.cpu(self._cpu_reason)
+            return outs
         self._validate_input(list(input_dict_ort_values.keys()))
         feed = {}
         for name, value in input_dict_ort_values.items():
             if not isinstance(value, _ort.OrtValue) or not value.is_tensor():
-                return super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+                outs = super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
+                self._stats.cpu("OrtValues that are not CPU tensors: onnxruntime runs them")
+                return outs
             feed[name] = value.numpy()
         outs = self.run(output_names, feed, run_options)
         return [_ort.OrtValue.ortvalue_from_numpy(o) for o in outs]
@@ -251,12 +273,33 @@ class InferenceSession(_ort.InferenceSession):
     def run_with_iobinding(self, iobinding, run_options=None):  # type: ignore[no-untyped-def]
         """Run with bound inputs/outputs; on RKNN when the inputs were bound from CPU arrays."""
         if self._rknn is None or not isinstance(iobinding, IOBinding) or iobinding._opaque:
-            if self._rknn is not None:
-                log.info("IOBinding inputs bound by pointer: running this call on the CPU")
-            return super().run_with_iobinding(iobinding, run_options)
+            result = super().run_with_iobinding(iobinding, run_options)
+            self._stats.cpu(
+                self._cpu_reason
+                if self._rknn is None
+                else "IOBinding with buffers bound by pointer or on a device: onnxruntime runs it"
+            )
+            return result
         names = list(iobinding._outputs) or None
         outs = self.run(names, dict(iobinding._inputs), run_options)
         iobinding._set_results(names or list(self._rknn.output_names), outs)
+
+
+def session_stats(session: _ort.InferenceSession) -> dict[str, Any]:
+    """What an rkort session has done: ``npu_calls``, ``cpu_calls`` and ``cpu_reasons`` (reason ->
+    calls), ``compiles`` (blobs this session compiled), ``blobs_loaded`` (blobs loaded from the
+    cache into a board's runtime), ``missing_shapes`` (shapes the cache lacked, with the
+    ``rkort warmup`` command that adds each), and ``providers`` (what it runs on now)."""
+    stats = getattr(session, "_stats", None)
+    if not isinstance(session, InferenceSession) or not isinstance(stats, SessionStats):
+        raise TypeError(
+            f"session_stats() takes an rkort InferenceSession, not {type(session).__name__}"
+        )
+    return stats.as_dict()
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
 
 
 class IOBinding(_ort.IOBinding):

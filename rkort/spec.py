@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import sha256_file
 from .platform import SUPPORTED_TARGETS
 
 # Bump when a change here changes the blobs built from the same BuildSpec.
@@ -218,3 +219,36 @@ def data_formats(shapes: Sequence[Sequence[int]]) -> list[str]:
     on every call.
     """
     return ["nchw" if len(s) == 4 else "nhwc" for s in shapes]
+
+
+def build_recipe(
+    spec: BuildSpec,
+    *,
+    kind: str = "model",
+    model: str | None = None,
+    model_sha256: str | None = None,
+    signature: Mapping[str, Sequence[int]] | None = None,
+    segment: Mapping[str, Any] | None = None,
+    file_sha256: str | None = None,
+) -> dict[str, Any]:
+    """What a blob is built from, for its cache entry's metadata: the ONNX file (and its sha256)
+    and the BuildSpec; for a segment or a lowered model (``kind``), also the model and what cuts
+    the file from it again. A board rehearsal rebuilds the blob's graph from this."""
+    path = os.path.abspath(spec.model_path)
+    return {
+        "file": path,
+        "file_sha256": file_sha256 or sha256_file(path)[0],
+        "spec": {
+            **spec.to_json(),
+            "target": spec.target,
+            "float_dtype": spec.float_dtype,
+            "quantized_dtype": spec.quantized_dtype,
+            "dataset": spec.dataset,
+            "optimization_level": spec.optimization_level,
+        },
+        "kind": kind,
+        "model": model,
+        "model_sha256": model_sha256,
+        "signature": [[n, list(s)] for n, s in (signature or {}).items()],
+        "segment": dict(segment) if segment is not None else None,
+    }

@@ -1,8 +1,10 @@
 """One contract for every backend: the same models, the same checks, against onnxruntime.
 
-On a host this runs "cpu" and "simulator"; "board" (rknn-toolkit-lite2 on a Rockchip board) and
-"adb" (a board over adb) get the same tests where available. Set RKORT_TEST_TARGET to the adb
-board's SoC when it is not an rk3588.
+On a host this runs "cpu", "simulator" and "board" (rknn-toolkit-lite2's RKNNLite on a rehearsed
+rk3588: rkort's board backend, line for line, over the rehearsal's stand-in, which executes the
+blobs on the simulator); on a Rockchip board "board" is the real NPU. "adb" (a board over adb)
+gets the same tests where available. Set RKORT_TEST_TARGET to the adb board's SoC when it is not
+an rk3588.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import pytest
 
 from rkort import platform
 from rkort.backends import Runner, RunnerClosed, RunnerError, available_backends
+from rkort.cache import Cache, make_key
 from rkort.compiler import BuildFailed, BuildSpec, compile_blob
+from rkort.spec import build_recipe
 from tests import models
+from tests.rehearsal import rehearse_in_process
 
 BACKENDS = ("board", "simulator", "adb", "cpu")
-AVAILABLE = available_backends()
 NPU_BACKENDS = ("board", "simulator", "adb")
 WHY_NOT = {
-    "board": "not a Rockchip board with rknn-toolkit-lite2",
+    "board": "not a Rockchip board with rknn-toolkit-lite2, and no rknn-toolkit2 to rehearse one",
     "simulator": "rknn-toolkit2 is not installed",
     "adb": "no adb device listed (or rknn-toolkit2 or adb missing)",
     "cpu": "onnxruntime is not installed",
@@ -54,13 +58,20 @@ def open_runner(backend: str, model: models.TestModel, blob_dir: Path) -> Runner
         from rkort.backends.simulator import open_simulator
 
         return open_simulator(spec)
-    blob = blob_dir / f"{model.name}-{spec.target}.rknn"
-    if not blob.exists():
-        compile_blob(spec, blob)
     if backend == "board":
         from rkort.backends.board import open_board
 
-        return open_board(blob, spec)
+        # Through a cache, as sessions do: the entry records what the blob is built from.
+        cache = Cache(blob_dir / "board-cache")
+        entry, _ = cache.get_or_build(
+            make_key({"contract": model.name, **spec.key_parts()}),
+            lambda dest: compile_blob(spec, dest),
+            {"source": build_recipe(spec)},
+        )
+        return open_board(entry.blob_path, spec)
+    blob = blob_dir / f"{model.name}-{spec.target}.rknn"
+    if not blob.exists():
+        compile_blob(spec, blob)
     from rkort.backends.adb import list_devices, open_adb
 
     return open_adb(blob, spec, spec.target, list_devices()[0])
@@ -76,9 +87,19 @@ def test_models(model_dir: Path) -> dict[str, models.TestModel]:
     return {name: build(model_dir) for name, build in models.RUNNABLE.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def rehearsed_board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """On a host with the converter, the board backend runs over the rehearsal's stand-in."""
+    if platform.is_board() or platform.toolkit_version() is None:
+        yield
+        return
+    with rehearse_in_process("rk3588", tmp_path_factory.mktemp("librknnrt")):
+        yield
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param not in AVAILABLE:
+def backend(request: pytest.FixtureRequest, rehearsed_board: None) -> str:
+    if request.param not in available_backends():
         pytest.skip(f"{request.param} backend unavailable here: {WHY_NOT[request.param]}")
     return str(request.param)
 
@@ -239,7 +260,9 @@ def test_killed_worker_gives_a_clear_error_not_a_hang(
 
 # -- simulator specifics -------------------------------------------------------------------------
 
-needs_simulator = pytest.mark.skipif("simulator" not in AVAILABLE, reason=WHY_NOT["simulator"])
+needs_simulator = pytest.mark.skipif(
+    "simulator" not in available_backends(), reason=WHY_NOT["simulator"]
+)
 
 
 @needs_simulator
@@ -323,6 +346,9 @@ def test_available_backends_on_this_machine() -> None:
     assert set(names) <= set(BACKENDS)
     assert "cpu" in names
     assert ("board" in names) <= platform.is_board()
+    if platform.toolkit_version() is not None and not os.environ.get("RKORT_BOARD"):
+        # The module's rehearsal declares an rk3588 and brings the stand-in along.
+        assert "board" in names and platform.board_soc() == "rk3588"
 
 
 def test_platform_answers_on_this_machine() -> None:

@@ -14,7 +14,9 @@ PACKAGE = ROOT / "rkort"
 #: an earlier layer. A new module must be placed here.
 LAYERS: list[list[str]] = [
     # foundation: no rkort imports but these
-    ["rkort.version", "rkort.errors", "rkort.files", "rkort.platform"],
+    ["rkort.version", "rkort.errors", "rkort.files", "rkort.platform", "rkort.blobinfo"],
+    ["rkort.rehearsal", "rkort.rehearsal.report"],
+    ["rkort.stats"],
     ["rkort.options", "rkort.feed", "rkort.profiling"],
     # 1 load
     ["rkort.model"],
@@ -47,17 +49,18 @@ LAYERS: list[list[str]] = [
     ["rkort.segment_files", "rkort.trials"],
     ["rkort.decision"],
     ["rkort.planner"],
-    ["rkort.program"],
+    ["rkort.program", "rkort.parts"],
     ["rkort.engine"],
     # 7 the session face
     ["rkort.providers"],
     ["rkort.session"],
     ["rkort.capi.onnxruntime_pybind11_state"],
     ["rkort.capi"],
-    # integrations into other people's code
-    ["rkort.integrations.defaults"],
+    # integrations into other people's code, the board rehearsal's stand-in
+    ["rkort.integrations.defaults", "rkort.rehearsal.standin"],
     ["rkort.integrations.install", "rkort.integrations.run", "rkort.integrations.example"],
-    ["rkort.integrations", "rkort.integrations._site"],
+    ["rkort.integrations", "rkort.integrations._site", "rkort.rehearsal.site"],
+    ["rkort.rehearsal.site.rknnlite", "rkort.rehearsal.site.rknnlite.api"],
     ["rkort"],
     ["rkort.integrations._site.sitecustomize"],
     # the command line
@@ -171,4 +174,4 @@ def test_the_import_reader_sees_relative_and_function_imports() -> None:
     assert "rkort.cache" in _imports("rkort.planner")  # from .cache import Cache
     assert "rkort.spec" in _imports("rkort.compiler")
     # an import inside a function counts
-    assert "rkort" in _imports("rkort.integrations._site.sitecustomize")
+    assert "rkort.integrations.install" in _imports("rkort.integrations._site.sitecustomize")

@@ -31,7 +31,7 @@ from tests import helpers_reliability as h
 from tests import models
 from tests.conftest import RKNN, needs_rknn
 
-TOOLKIT = rkort.engine.runtime_version()
+TOOLKIT = rkort.parts.runtime_version()
 
 
 def figure(text: str) -> None:

@@ -273,3 +273,58 @@ def test_models_with_cpu_only_ops_run_in_segments_through_the_session(
     seg_events = [e for e in events if e["name"].startswith("segment_")]
     assert len(seg_events) == len(program.segments)
     assert {e["args"]["device"] for e in seg_events} == set(devices)
+
+
+# -- no silent CPU ---------------------------------------------------------------------------------
+
+
+def test_every_call_is_counted_with_its_reason(mlp, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="rkort")
+    sess = rkort.InferenceSession(
+        mlp.path, providers=[(RKNN, {"cache_dir": str(tmp_path / "c")}), "CPUExecutionProvider"]
+    )
+    feed = _feed(mlp)
+    sess.run(None, feed)
+    sess.run_with_ort_values(
+        None, {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+    )
+    huge = {k: np.full_like(v, 1e6) for k, v in feed.items()}
+    for _ in range(2):
+        np.testing.assert_array_equal(
+            sess.run(None, huge)[0], ort.InferenceSession(str(mlp.path)).run(None, huge)[0]
+        )
+    stats = rkort.session_stats(sess)
+    assert stats["npu_calls"] == 2 and stats["cpu_calls"] == 2
+    assert stats["cpu_reasons"] == {"an input holds values beyond float16's range": 2}
+    assert stats["compiles"] == 1 and stats["providers"] == [RKNN, "CPUExecutionProvider"]
+    logged = [r for r in caplog.records if "runs on the CPU" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.INFO  # once per reason
+    cpu = rkort.InferenceSession(mlp.path, providers=["CPUExecutionProvider"])
+    cpu.run(None, feed)
+    assert rkort.session_stats(cpu)["cpu_reasons"] == {f"{RKNN} was not asked for": 1}
+    with pytest.raises(TypeError, match="rkort InferenceSession"):
+        rkort.session_stats(ort.InferenceSession(str(mlp.path)))
+
+
+def test_rknn_is_listed_only_when_some_part_runs_on_the_npu(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A model whose dims are all compiled per size, and whose every node needs the CPU, says
+    so when it opens (and runs on the CPU, counted), instead of listing RKNN."""
+    from onnx import TensorProto, helper
+
+    from tests.models import _graph_model, _save
+
+    model = _graph_model(
+        [helper.make_node("NonZero", ["x"], ["y"])],
+        "dynamic_nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])],
+        [],
+    )
+    path = _save(model, tmp_path / "dynamic_nonzero.onnx")
+    caplog.set_level(logging.WARNING, logger="rkort")
+    sess = rkort.InferenceSession(path, providers=[(RKNN, {"cache_dir": str(tmp_path / "c")})])
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    assert any("no part of this model can run on the NPU" in r.getMessage() for r in caplog.records)
+    sess.run(None, {"x": np.array([0.0, 1.0, 2.0], np.float32)})
+    (reason,) = rkort.session_stats(sess)["cpu_reasons"]
+    assert "NonZero" in reason

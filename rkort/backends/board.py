@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ..blobinfo import BlobFormatError, read_blob_info, runtime_can_load
 from ..options import RKNNOptions
-from ..platform import board_runtime_importable, is_board
+from ..platform import board_runtime_importable, board_soc, is_board, librknnrt_version
 from ..spec import BuildSpec, data_formats
 from .base import Opening, Runner, RunnerError
 
@@ -38,13 +39,18 @@ class BoardRunner(Runner):
 
 
 def open_board(blob_path: Path, spec: BuildSpec, core_mask: int = 0) -> Runner:
-    """Load ``blob_path`` into the board's NPU runtime on the cores in ``core_mask`` (0: auto)."""
+    """Load ``blob_path`` into the board's NPU runtime on the cores in ``core_mask`` (0: auto).
+
+    A blob this board's runtime cannot load (built for another SoC, or by a toolkit newer than
+    its librknnrt) is refused with a message naming both, before the runtime is asked.
+    """
     try:
         from rknnlite.api import RKNNLite
     except ImportError as e:
         raise RunnerError(
             f"rknn-toolkit-lite2 cannot be imported ({e}); install rkort[board] on the board"
         ) from e
+    built, runtime = _check_loadable(blob_path, spec)
     lite = RKNNLite(verbose=False)
     ret = lite.load_rknn(str(blob_path))
     if ret != 0:
@@ -54,10 +60,35 @@ def open_board(blob_path: Path, spec: BuildSpec, core_mask: int = 0) -> Runner:
     if ret != 0:
         lite.release()
         raise RunnerError(
-            f"RKNNLite.init_runtime(core_mask={core_mask}) returned {ret} for {spec.model_name}; "
-            "check that librknnrt.so is at least as new as the toolkit that built the blob"
+            f"RKNNLite.init_runtime(core_mask={core_mask}) returned {ret} for {spec.model_name} "
+            f"(blob built by rknn-toolkit2 {built or 'of unknown version'}, this board's librknnrt "
+            f"{runtime or 'of unknown version'}; the runtime's reason is in its console output)"
         )
     return BoardRunner(lite, spec, core_mask)
+
+
+def _check_loadable(blob_path: Path, spec: BuildSpec) -> tuple[str | None, str | None]:
+    """(the toolkit version that built the blob, this board's librknnrt version); raises
+    RunnerError for a blob the runtime would refuse."""
+    try:
+        info = read_blob_info(blob_path)
+    except (OSError, BlobFormatError) as e:
+        raise RunnerError(f"{blob_path} is not a loadable RKNN blob: {e}") from e
+    runtime = librknnrt_version()
+    if runtime_can_load(info.version, runtime) is False:
+        raise RunnerError(
+            f"this board's librknnrt is {runtime}, older than rknn-toolkit2 {info.version} that "
+            f"built the blob of {spec.model_name}: a runtime refuses blobs of a newer toolkit "
+            f"('Invalid RKNN model version'). Update librknnrt to {info.version} or newer, or "
+            f"build the blobs with rknn-toolkit2 {runtime}"
+        )
+    soc = board_soc()
+    if soc is not None and info.targets and soc not in info.targets:
+        raise RunnerError(
+            f"the blob of {spec.model_name} was built for {', '.join(info.targets)}, and this "
+            f"board is an {soc}: warm the cache with --target {soc}"
+        )
+    return info.version or None, runtime
 
 
 class _Board:

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..integrations.defaults import ENV_AUTO, ENV_EXCLUDE, ENV_OPTIONS
-from ..integrations.run import run_environment
+from ..integrations.run import rehearsal_environment, run_environment
 from ..options import RKNNOptions
+from ..platform import SUPPORTED_TARGETS
+from ..rehearsal.report import format_report, gather
 from .common import UsageError
 
 
@@ -45,6 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if key in env:
                 print(f"{key}={env[key]}")
         return 0
+    if args.board:
+        return _rehearse(args.board, args.librknnrt, command, env)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -56,6 +65,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"rkort run: permission denied: {command[0]}", file=sys.stderr)
         return 126
     return 0  # not reached: exec replaced this process
+
+
+def _rehearse(soc: str, librknnrt: str, command: list[str], env: dict[str, str]) -> int:
+    """Run ``command`` as on a ``soc`` board, then print what ran where."""
+    soc = soc.strip().lower()
+    if soc not in SUPPORTED_TARGETS:
+        raise UsageError(
+            f"--board {soc}: not a target rknn-toolkit2 builds for {list(SUPPORTED_TARGETS)}"
+        )
+    if not re.fullmatch(r"\d+\.\d+\.\d+", librknnrt):
+        raise UsageError(f"--librknnrt {librknnrt}: expected a version such as 2.3.2")
+    with tempfile.TemporaryDirectory(prefix="rkort-rehearsal-") as tmp:
+        reports = Path(tmp) / "reports"
+        reports.mkdir()
+        # A librknnrt the board runtime's version is read from, as on a board.
+        lib = Path(tmp) / "librknnrt.so"
+        lib.write_bytes(f"\0librknnrt version: {librknnrt} (rkort rehearsal)\0".encode())
+        env = rehearsal_environment(env, soc, reports, lib, sys.executable)
+        try:
+            proc = subprocess.Popen(command, env=env)
+        except FileNotFoundError:
+            print(f"rkort run: command not found: {command[0]}", file=sys.stderr)
+            return 127
+        except PermissionError:
+            print(f"rkort run: permission denied: {command[0]}", file=sys.stderr)
+            return 126
+        forward = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n)) for sig in _FORWARDED}
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in forward.items():
+                signal.signal(sig, handler)
+        print(format_report(soc, gather(reports)), file=sys.stderr)
+    return code
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -87,6 +133,18 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         action="append",
         metavar="PATTERN",
         help="keep models whose file name (or, with a '/', path) matches this glob on their own providers (repeatable)",
+    )
+    r.add_argument(
+        "--board",
+        metavar="SOC",
+        help="rehearse an SOC board (rk3588, rk3576, ...) on this host: the board code path, blobs "
+        "from the cache only, no converter; prints what ran on the NPU and what the cache lacks",
+    )
+    r.add_argument(
+        "--librknnrt",
+        default="2.5.0",
+        metavar="VERSION",
+        help="with --board: the version of the rehearsed board's librknnrt (default 2.5.0)",
     )
     r.add_argument(
         "--env",

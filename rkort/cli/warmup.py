@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..cache import Cache
-from ..engine import blob_meta, make_policy, multi_shape_part
+from ..engine import make_policy, multi_shape_part
 from ..errors import Unsupported
 from ..model import ModelSource
 from ..options import RKNNOptions
+from ..parts import blob_meta
 from ..planner import Part, Planner
 from ..shapes import signature_of
 from ..spec import CompileError
@@ -65,14 +67,15 @@ def cmd_warmup(args: argparse.Namespace) -> int:
             if options.shape_mode == "dynamic" and len(signatures) > 1:
                 part = multi_shape_part(planner, signatures)
                 if part is not None:
-                    report.compile(part)
+                    planner.ensure_file(planner.decide(signatures[-1])[0], part)
+                    report.compile(part, signatures[-1])
                     return report.done()
             for sig in signatures:
-                decision, _ = planner.decide(sig, build=report.compile)
+                decision, _ = planner.decide(sig, build=report.builder(sig))
                 for part in decision.npu_parts:
                     if part.key not in report.seen:
                         planner.ensure_file(decision, part)
-                        report.compile(part)
+                        report.compile(part, decision.signature)
                 if not decision.npu_parts:
                     why = "; ".join(decision.cpu_reasons[:5])
                     print(
@@ -97,7 +100,11 @@ class _Report:
         self.compiled = self.cached = 0
         self.seen: set[str] = set()
 
-    def compile(self, part: Part) -> Any:
+    def builder(self, signature: Mapping[str, Sequence[int]]) -> Callable[[Part], Any]:
+        """The planner's build function for one signature."""
+        return lambda part: self.compile(part, signature)
+
+    def compile(self, part: Part, signature: Mapping[str, Sequence[int]]) -> Any:
         from ..compiler import compile_blob
 
         spec = part.spec
@@ -106,7 +113,7 @@ class _Report:
         entry, built = self.planner.cache.get_or_build(
             part.key,
             lambda dest: compile_blob(spec, dest, progress=self.progress),
-            blob_meta(self.planner.source, spec),
+            blob_meta(self.planner, spec, part, signature),
         )
         self.seen.add(part.key)
         shapes = ", ".join(

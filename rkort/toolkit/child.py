@@ -176,8 +176,9 @@ def _serve(conn: Connection, rknn: Any, input_shapes: list[list[int]]) -> None:
             return
         if message[0] != "run":
             return
+        given = message[2] if len(message) > 2 else None
         try:
-            outputs = rknn.inference(inputs=message[1], data_format=formats)
+            outputs = rknn.inference(inputs=message[1], data_format=given or formats)
         except Exception as e:  # noqa: BLE001 - reported to the parent, the worker lives on
             conn.send(("failed", f"rknn-toolkit2 inference() failed: {_reason(e)}"))
             continue

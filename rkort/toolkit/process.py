@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,11 @@ class WorkerProcess:
         *,
         subject: str,
         progress: bool | None = None,
+        python: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``python``: the interpreter that runs the toolkit (this one by default); ``env``: the
+        environment the child starts from (this process's by default)."""
         self.subject = subject
         self.workdir = owned_tempdir(WORKDIR_PREFIX)
         self._tail = Tail()
@@ -64,9 +68,9 @@ class WorkerProcess:
         parent_sock, child_sock = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", CHILD_MODULE, mode, str(child_sock.fileno())],
+                [python or sys.executable, "-m", CHILD_MODULE, mode, str(child_sock.fileno())],
                 cwd=self.workdir,
-                env=_child_env(self.workdir),
+                env=_child_env(self.workdir, os.environ if env is None else env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -168,10 +172,12 @@ class WorkerProcess:
 
     # -- serving --
 
-    def call(self, arrays: Sequence[Any]) -> list[Any]:
-        """One inference on a serving worker. Raises WorkerDied, or RuntimeError with its reason."""
+    def call(self, arrays: Sequence[Any], data_format: Any = None) -> list[Any]:
+        """One inference on a serving worker (``data_format`` as the toolkit's ``inference()``
+        takes it; by default 4-D inputs are NCHW). Raises WorkerDied, or RuntimeError with its
+        reason."""
         try:
-            self.conn.send(("run", list(arrays)))
+            self.conn.send(("run", list(arrays), data_format))
             while not self.conn.poll(0.5):
                 if self.proc.poll() is not None and not self.conn.poll(0):
                     raise EOFError
@@ -215,8 +221,8 @@ def _stage_count(mode: str, request: dict[str, Any]) -> int:
     return 3 + bool(request.get("export")) + (mode == "serve")
 
 
-def _child_env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+def _child_env(workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base)
     env["PYTHONUNBUFFERED"] = "1"
     # The toolkit leaves a temporary directory behind on every build (check.onnx and check.rknn,
     # as large as the blob): inside the workdir it goes when the workdir goes.

@@ -3,7 +3,8 @@
 Protocol (parent -> child first): a request dict from :func:`build_request`; the child answers
 ``("stage", name)`` as it goes, then ``("done", info)`` (compile) or ``("ready", info)`` (serve), or
 ``("error", kind, stage, reason)``. A serving child then answers each ``("run", arrays)`` with
-``("ok", arrays)`` or ``("failed", reason)`` until ``("close",)`` or the socket closes.
+``("ok", arrays)`` or ``("failed", reason)`` until ``("close",)`` or the socket closes; a run
+message may carry the toolkit's ``data_format`` as a third item (None: 4-D inputs are NCHW).
 """
 
 from __future__ import annotations

@@ -19,9 +19,17 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _install_rkort() -> None:
     try:
-        import rkort
+        # The submodule, not the package: the program's own `import rkort` may be what imports
+        # onnxruntime, and then the package is still being initialized.
+        from rkort.integrations.install import install
 
-        rkort.install()
+        install()
+        if os.environ.get("RKORT_REHEARSAL_REPORT"):
+            import atexit
+
+            from rkort.stats import write_process_report
+
+            atexit.register(write_process_report)
     except Exception as e:  # noqa: BLE001 - the program runs on, as it would without rkort
         print(
             f"rkort run: could not install rkort in {sys.executable} ({type(e).__name__}: {e}); "
@@ -62,6 +70,11 @@ def _run_shadowed_sitecustomize() -> None:
     spec.loader.exec_module(module)
 
 
+if os.environ.get("RKORT_REHEARSAL"):
+    # A rehearsed board has no converter: rknn-toolkit2 cannot be imported in this process tree
+    # (the stand-in's own simulator worker runs without this variable).
+    sys.modules["rknn"] = None  # type: ignore[assignment]
+    sys.modules["rknn.api"] = None  # type: ignore[assignment]
 if "onnxruntime" in sys.modules:
     _install_rkort()
 else:

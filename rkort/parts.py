@@ -1,0 +1,171 @@
+"""Opening a program's NPU parts: built through the cache where a converter is at hand, loaded
+from the cache where not (a board), each blob's entry recording what it was built from."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .backends import Backend
+from .backends.base import Opening, Runner
+from .cache import Entry
+from .compiler import compile_blob
+from .decision import Decision, Part
+from .options import RKNNOptions
+from .planner import Planner
+from .platform import toolkit_lite_version, toolkit_version
+from .spec import BuildSpec, build_recipe
+from .stats import SessionStats
+
+log = logging.getLogger("rkort")
+
+
+class MissingBlob(Exception):
+    """The cache has no blob for this part and nothing here can compile one."""
+
+
+def runtime_version() -> str:
+    """The RKNN toolchain version blobs are made for: the converter's, else the board runtime's."""
+    return toolkit_version() or toolkit_lite_version() or "unknown"
+
+
+def identity(spec: BuildSpec) -> dict[str, Any]:
+    """What a cache entry must say it holds to be used for ``spec`` (on any machine)."""
+    return {
+        "target": spec.target,
+        "inputs": {n: list(s) for n, s in zip(spec.input_names, spec.input_shapes)},
+        "dtype": spec.quantized_dtype or spec.float_dtype,
+    }
+
+
+def blob_meta(
+    planner: Planner, spec: BuildSpec, part: Part | None = None, signature: Any = None
+) -> dict[str, Any]:
+    """What a cache entry says about the blob it holds: what it is for, the toolkit that built
+    it, and (given the part and its signature) the recipe a board rehearsal rebuilds it from."""
+    meta: dict[str, Any] = {
+        "model": str(planner.source.path),
+        **identity(spec),
+        "toolkit": runtime_version(),
+    }
+    if part is not None:
+        source = planner.source
+        meta["source"] = build_recipe(
+            spec,
+            kind=part.source,
+            model=None if source.from_bytes else str(source.path.resolve()),
+            model_sha256=planner.model_hash,
+            signature=dict(signature or {}),
+            segment={
+                "nodes": list(part.nodes),
+                "inputs": list(part.inputs),
+                "outputs": list(part.outputs),
+            }
+            if part.source == "segment"
+            else None,
+            file_sha256=planner.cache.hashes.file_digest(spec.model_path),
+        )
+    return meta
+
+
+def compile_to_cache(
+    planner: Planner,
+    decision: Decision,
+    part: Part,
+    progress: bool | None = None,
+) -> tuple[Entry, bool]:
+    """Make sure the blob of an NPU part is in the cache; True when this call compiled it."""
+    assert part.spec is not None and part.key is not None
+    planner.ensure_file(decision, part)
+    spec = part.spec
+    return planner.cache.get_or_build(
+        part.key,
+        lambda dest: compile_blob(spec, dest, progress=progress),
+        blob_meta(planner, spec, part, decision.signature),
+    )
+
+
+class PartOpener:
+    """Opens the NPU parts of one session's programs on its backend, counting what it compiles
+    and loads in the session's stats."""
+
+    def __init__(
+        self, planner: Planner, backend: Backend, options: RKNNOptions, stats: SessionStats
+    ) -> None:
+        self.planner = planner
+        self.cache = planner.cache
+        self.backend = backend
+        self.options = options
+        self.stats = stats
+        self.converter = toolkit_version() is not None
+
+    @property
+    def can_build(self) -> bool:
+        """True when a part missing from the cache can be built here."""
+        return self.backend.builds or self.converter
+
+    def build(self, part: Part, signature: Mapping[str, Sequence[int]]) -> Runner:
+        """Build an NPU part through the cache (a trial build) and open it."""
+        assert part.spec is not None and part.key is not None
+        spec, progress = part.spec, self.options.progress
+        meta = blob_meta(self.planner, spec, part, signature)
+        if self.backend.builds:
+            # The simulator runs only what it built in-process, so one build both fills the
+            # cache (for boards and `rkort warmup`) and serves this session.
+            built: list[Runner] = []
+
+            def build(dest: Path) -> dict[str, Any]:
+                built.append(self.backend.open(Opening(spec, export_to=dest, progress=progress)))
+                return {}
+
+            entry, made = self.cache.get_or_build(part.key, build, meta)
+            self._count(entry, made, spec)
+            _discard_ephemeral(entry)
+            return built[0] if built else self.backend.open(Opening(spec, progress=progress))
+        entry, made = self.cache.get_or_build(
+            part.key, lambda dest: compile_blob(spec, dest, progress=progress), meta
+        )
+        self._count(entry, made, spec)
+        try:
+            runner = self.backend.open(Opening(spec, blob=entry.blob_path, options=self.options))
+        finally:
+            _discard_ephemeral(entry)  # the runtime holds the blob once it is open
+        self.stats.loaded()
+        return runner
+
+    def open(self, decision: Decision, part: Part) -> Runner:
+        """Open an NPU part no trial build opened (its decision came from the cache's record):
+        loaded from the cache, or built when it is missing and a converter is here."""
+        assert part.spec is not None and part.key is not None
+        if not self.backend.builds:
+            entry = self.cache.get(part.key, identity(part.spec))
+            if entry is not None:
+                runner = self.backend.open(
+                    Opening(part.spec, blob=entry.blob_path, options=self.options)
+                )
+                self.stats.loaded()
+                return runner
+            if not self.converter:
+                raise MissingBlob(
+                    f"the cache has no blob {part.key[:12]} for {part.spec.model_name}"
+                )
+        self.planner.ensure_file(decision, part)
+        return self.build(part, decision.signature)
+
+    def _count(self, entry: Entry, made: bool, spec: BuildSpec) -> None:
+        shapes = ", ".join(f"{n}={list(s)}" for n, s in zip(spec.input_names, spec.input_shapes))
+        if made:
+            self.stats.compiled()
+            log.info(
+                "compiled %s for %s (%s) into %s", spec.model_name, spec.target, shapes, entry.dir
+            )
+        else:
+            log.info("using cached blob %s for %s (%s)", entry.key[:12], spec.model_name, shapes)
+
+
+def _discard_ephemeral(entry: Entry) -> None:
+    if entry.ephemeral:
+        shutil.rmtree(entry.dir, ignore_errors=True)
