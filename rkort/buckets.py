@@ -95,8 +95,9 @@ class ShapePolicy:
         self.output_dims: list[list[Dim]] = [list(o.shape) for o in outputs]
         self.kind: dict[str, str] = {}
         self.buckets: dict[str, tuple[int, ...]] = {}
-        #: When set (:meth:`restrict`), the only signatures to use, cheapest first.
+        #: When set (:meth:`restrict`), the signatures to use, cheapest first.
         self.allowed: list[tuple[tuple[int, ...], ...]] | None = None
+        self._fallback = False
         if self.static:
             self.pad_values: list[float] = [0.0] * len(inputs)
             return
@@ -185,10 +186,14 @@ class ShapePolicy:
             tuple(d if isinstance(d, int) else sizes[d] for d in dims) for dims in self.input_dims
         )
 
-    def restrict(self, signatures: Sequence[tuple[tuple[int, ...], ...]]) -> None:
-        """Use only these signatures (the shapes warmed into the cache): an input goes to the
-        cheapest one it fits; :meth:`plan` raises :class:`NotWarmed` when none does."""
+    def restrict(
+        self, signatures: Sequence[tuple[tuple[int, ...], ...]], fallback: bool = False
+    ) -> None:
+        """Use these signatures (the shapes warmed into the cache, or fitted to recorded
+        traffic): an input goes to the cheapest one it fits. When none does, :meth:`plan` raises
+        :class:`NotWarmed`, or with ``fallback`` uses the configured buckets."""
         self.allowed = sorted(set(signatures), key=_elements)
+        self._fallback = fallback
 
     def plan(self, arrays: Sequence[np.ndarray]) -> RunPlan | None:
         """The plan for these (validated) inputs; None when onnxruntime should run them (an
@@ -215,6 +220,8 @@ class ShapePolicy:
                 n = actual[batch]
                 chunks = tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
                 return RunPlan(best, chunks, actual)
+        if self._fallback:
+            return self._plan(arrays)
         try:
             wanted = self._plan(arrays)
         except Oversize:

@@ -4,6 +4,7 @@ outputs sliced back. A call the NPU cannot answer goes to the CPU for that call 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import shlex
 import threading
@@ -30,6 +31,7 @@ from .program import Program
 from .shapes import signature_of
 from .spec import CompileError
 from .stats import SessionStats
+from .traffic import ShapeRecorder, fitted_signatures
 
 log = logging.getLogger("rkort")
 
@@ -101,7 +103,9 @@ class RKNNEngine:
         for arg in [*inputs, *outputs]:
             _tensor_dtype(arg)
         self.backend = backends.choose(options)
-        self.cache = Cache(options.cache_dir)
+        self.cache = Cache(
+            options.cache_dir, remote=options.remote_cache, remote_write=options.remote_write
+        )
         self.stats = stats if stats is not None else SessionStats(model.path.name)
         self._model = model
         self.planner = Planner(model, options, self.cache)
@@ -117,6 +121,10 @@ class RKNNEngine:
         self._failed: dict[Signature, str] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._recorder: ShapeRecorder | None = None
+        if options.record_shapes:
+            self._recorder = ShapeRecorder(self.cache, self.planner.model_hash, self.input_names)
+            atexit.register(self._recorder.flush)
         try:
             self._open_first()
         except BaseException:
@@ -143,7 +151,12 @@ class RKNNEngine:
             self.policy.restrict(warmed)
             candidates = list(self.policy.allowed or [])
         else:
-            candidates = self.policy.signatures()
+            fitted = None
+            if self.options.buckets is None and not self.policy.static:
+                fitted = fitted_signatures(self.cache, self.planner.model_hash)
+            if fitted:
+                self.policy.restrict(fitted, fallback=True)  # `rkort warmup --from-traffic`
+            candidates = list(self.policy.allowed or []) or self.policy.signatures()
             if self.options.shape_mode == "dynamic" and len(candidates) > 1:
                 self._open_multi_shape(candidates)
                 if self._programs:
@@ -318,6 +331,8 @@ class RKNNEngine:
     ) -> list[np.ndarray]:
         """Outputs in model order and declared dtypes. Raises :class:`CpuCall` when onnxruntime
         should answer this call instead (and why)."""
+        if self._recorder is not None:
+            self._recorder.record(arrays)
         try:
             plan = self.policy.plan(arrays)
         except Oversize as e:
@@ -364,6 +379,8 @@ class RKNNEngine:
         for program in programs:
             program.close()
         self.planner.close()
+        if self._recorder is not None:
+            self._recorder.flush()
 
 
 _FP16_MAX = float(np.finfo(np.float16).max)

@@ -52,6 +52,9 @@ KNOWN = {
     "cpu_ops": "op types to run on the CPU, comma-separated (e.g. Softmax,Gather)",
     "cpu_nodes": "node names to run on the CPU, comma-separated",
     "max_live_shapes": "compiled shapes kept open at once (default 4; the least recently used is closed)",
+    "record_shapes": "1: record the input shapes this model sees (shapes only, never data) for `rkort buckets` (default 0)",
+    "remote_cache": "an fsspec URL (s3://bucket/prefix, gs://..., file:///..., https://...) to fetch blobs from on a local miss (default: $RKORT_REMOTE_CACHE)",
+    "remote_write": "1: publish blobs built here to the remote cache (default 0)",
 }
 
 
@@ -88,6 +91,9 @@ class RKNNOptions:
     oversize_to_cpu: bool = False
     shape_mode: str = "buckets"
     max_live_shapes: int = 4
+    record_shapes: bool = False
+    remote_cache: str | None = None
+    remote_write: bool = False
     cpu_ops: tuple[str, ...] = ()
     cpu_nodes: tuple[str, ...] = ()
     raw: dict[str, str] = field(default_factory=dict)
@@ -173,6 +179,13 @@ class RKNNOptions:
             oversize_to_cpu=oversize == "cpu",
             shape_mode=shape_mode,
             max_live_shapes=live,
+            record_shapes=_flag("record_shapes", raw["record_shapes"])
+            if "record_shapes" in raw
+            else False,
+            remote_cache=raw.get("remote_cache") or None,
+            remote_write=_flag("remote_write", raw["remote_write"])
+            if "remote_write" in raw
+            else False,
             cpu_ops=tuple(filter(None, raw.get("cpu_ops", "").replace(" ", "").split(","))),
             cpu_nodes=tuple(filter(None, raw.get("cpu_nodes", "").replace(" ", "").split(","))),
             target=target,

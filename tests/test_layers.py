@@ -22,6 +22,7 @@ LAYERS: list[list[str]] = [
     ["rkort.model"],
     # 2 plan: graph facts, rules, segments, cost, the plan
     ["rkort.graph"],
+    ["rkort.quantized"],
     ["rkort.rules"],
     ["rkort.segments"],
     ["rkort.cost"],
@@ -39,7 +40,9 @@ LAYERS: list[list[str]] = [
     ["rkort.cache.entry"],
     ["rkort.cache.hashes", "rkort.cache.records"],
     ["rkort.cache.store"],
+    ["rkort.cache.bundle", "rkort.cache.remote"],
     ["rkort.cache"],
+    ["rkort.traffic", "rkort.fitting"],
     # 6 backends
     ["rkort.backends.base"],
     ["rkort.backends.cpu", "rkort.backends.board", "rkort.backends.simulator"],
@@ -65,7 +68,13 @@ LAYERS: list[list[str]] = [
     ["rkort.integrations._site.sitecustomize"],
     # the command line
     ["rkort.cli.common"],
-    ["rkort.cli.cache_cmd", "rkort.cli.env", "rkort.cli.inspect", "rkort.cli.run"],
+    [
+        "rkort.cli.cache_cmd",
+        "rkort.cli.env",
+        "rkort.cli.inspect",
+        "rkort.cli.run",
+        "rkort.cli.buckets",
+    ],
     ["rkort.cli.warmup"],
     ["rkort.cli"],
     ["rkort.demo", "rkort.__main__"],

@@ -84,12 +84,21 @@ class Cache:
     or writable by group or others, :class:`CacheError` is raised.
     """
 
-    def __init__(self, root: Optional[StrPath] = None) -> None:
+    def __init__(
+        self,
+        root: Optional[StrPath] = None,
+        *,
+        remote: Optional[str] = None,
+        remote_write: bool = False,
+    ) -> None:
         self.root: Path = Path(
             os.path.abspath(os.path.expanduser(os.fspath(root)))
             if root is not None
             else os.path.abspath(default_cache_dir())
         )
+        #: A shared remote cache (an fsspec URL) read on a local miss; written when asked.
+        self.remote_url = remote or os.environ.get("RKORT_REMOTE_CACHE") or None
+        self.remote_write = remote_write
         self._locks: dict[tuple[int, str], filelock.FileLock] = {}
         #: Memoized content hashes of model files (:mod:`rkort.cache.hashes`).
         self.hashes = HashMemo(self.root, self._root_exists, lambda: self._ensure_dirs("hashes"))

@@ -58,13 +58,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     try:
         os.execvpe(command[0], command, env)
-    except FileNotFoundError:
-        print(f"rkort run: command not found: {command[0]}", file=sys.stderr)
-        return 127
-    except PermissionError:
-        print(f"rkort run: permission denied: {command[0]}", file=sys.stderr)
-        return 126
+    except OSError as e:
+        return _cannot_start(command, e)
     return 0  # not reached: exec replaced this process
+
+
+def _cannot_start(command: list[str], error: OSError) -> int:
+    """The shell's exit codes for a command that cannot be started (127: not found; 126)."""
+    missing = isinstance(error, FileNotFoundError)
+    print(
+        f"rkort run: {'command not found' if missing else 'permission denied'}: {command[0]}",
+        file=sys.stderr,
+    )
+    return 127 if missing else 126
 
 
 def _rehearse(soc: str, librknnrt: str, command: list[str], env: dict[str, str]) -> int:
@@ -85,12 +91,8 @@ def _rehearse(soc: str, librknnrt: str, command: list[str], env: dict[str, str])
         env = rehearsal_environment(env, soc, reports, lib, sys.executable)
         try:
             proc = subprocess.Popen(command, env=env)
-        except FileNotFoundError:
-            print(f"rkort run: command not found: {command[0]}", file=sys.stderr)
-            return 127
-        except PermissionError:
-            print(f"rkort run: permission denied: {command[0]}", file=sys.stderr)
-            return 126
+        except OSError as e:
+            return _cannot_start(command, e)
         forward = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n)) for sig in _FORWARDED}
         try:
             code = proc.wait()
