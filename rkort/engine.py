@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import backends
 from .backends.base import Runner, RunnerClosed, RunnerDied, RunnerError
+from .backends.pool import Budget, ContextPool
 from .buckets import NotWarmed, Oversize, ShapePolicy
 from .cache import Cache
 from .decision import Decision, Part
@@ -98,8 +101,10 @@ class RKNNEngine:
         outputs: Sequence[Any],
         options: RKNNOptions,
         stats: SessionStats | None = None,
+        cpu_options: Any = None,
     ) -> None:
         self.options = options
+        self._cpu_options = cpu_options
         for arg in [*inputs, *outputs]:
             _tensor_dtype(arg)
         self.backend = backends.choose(options)
@@ -121,6 +126,9 @@ class RKNNEngine:
         self._failed: dict[Signature, str] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._opening: dict[Signature, threading.Lock] = {}
+        self._chunks: ThreadPoolExecutor | None = None
+        self.budget = Budget(options.memory_budget or default_budget())
         self._recorder: ShapeRecorder | None = None
         if options.record_shapes:
             self._recorder = ShapeRecorder(self.cache, self.planner.model_hash, self.input_names)
@@ -206,42 +214,88 @@ class RKNNEngine:
         return dict(zip(self.input_names, signature))
 
     def _program_for(self, signature: Signature) -> Program:
-        with self._lock:
-            if self._closed:
-                raise RunnerClosed("this session's RKNN engine is closed")
-            failed = self._failed.get(signature)
-            if failed is not None:
-                raise CpuCall(failed)
-            found = self._programs.get(signature)
-            if found is not None:
-                self._programs.move_to_end(signature)
-                return found
-            try:
-                program = self._open_program(signature)
-            except MissingBlob:
-                raise CpuCall(self._missing(signature)) from None
-            except (CompileError, RunnerError, OSError) as e:
-                shape = _shape_text(self.input_names, signature)
-                reason = f"the NPU program for {shape} could not be opened: {type(e).__name__}: {e}"
-                self._failed[signature] = reason
-                log.warning("%s: %s; calls of this shape run on the CPU", self._name, reason)
-                raise CpuCall(reason) from e
-            self.opened.append(signature)
-            self._remember(signature, program)
-            return program
+        """The program of ``signature``, acquired for one call (release it after). Opening one
+        (a build, a blob load) holds only that signature's lock: other signatures run meanwhile."""
+        while True:
+            with self._lock:
+                found = self._known(signature)
+                if found is not None:
+                    return found
+                opening = self._opening.setdefault(signature, threading.Lock())
+            with opening:
+                with self._lock:
+                    found = self._known(signature)
+                    if found is not None:
+                        return found
+                try:
+                    program = self._open_program(signature)
+                except MissingBlob:
+                    raise CpuCall(self._missing(signature)) from None
+                except (CompileError, RunnerError, OSError) as e:
+                    shape = _shape_text(self.input_names, signature)
+                    reason = (
+                        f"the NPU program for {shape} could not be opened: {type(e).__name__}: {e}"
+                    )
+                    with self._lock:
+                        self._failed[signature] = reason
+                    log.warning("%s: %s; calls of this shape run on the CPU", self._name, reason)
+                    raise CpuCall(reason) from e
+                finally:
+                    with self._lock:
+                        self._opening.pop(signature, None)
+                with self._lock:
+                    if self._closed:
+                        program.close()
+                        raise RunnerClosed("this session's RKNN engine is closed")
+                    self.opened.append(signature)
+                    self._remember(signature, program)
+                    program.acquire()
+                    return program
+
+    def _known(self, signature: Signature) -> Program | None:
+        """The open program of ``signature``, acquired; None when it must be opened. (Holding
+        the engine lock.)"""
+        if self._closed:
+            raise RunnerClosed("this session's RKNN engine is closed")
+        failed = self._failed.get(signature)
+        if failed is not None:
+            raise CpuCall(failed)
+        found = self._programs.get(signature)
+        if found is not None:
+            self._programs.move_to_end(signature)
+            found.acquire()
+        return found
 
     def _open_program(self, signature: Signature) -> Program:
         named = self._named(signature)
         can_build = self.parts.can_build
+        masks = self.parts.core_masks()
         decision, handles = self.planner.decide(
-            named, (lambda part: self.parts.build(part, named)) if can_build else None
+            named, (lambda part: self.parts.build(part, named, masks[0])) if can_build else None
         )
         if not can_build and not decision.recorded:
             raise MissingBlob(f"no program record for {named}")
+        several = len(decision.npu_parts) > 1
 
         def open_npu(part: Part) -> Runner:
-            handle = handles.pop(part.key or "", None)
-            return handle if handle is not None else self.parts.open(decision, part)
+            first = handles.pop(part.key or "", None)
+            if first is None:
+                first = self.parts.open(decision, part, masks[0])
+
+            def context(slot: int) -> Runner:
+                return first if slot == 0 else self.parts.open(decision, part, masks[slot])
+
+            where = f"part {part.index}, " if several else ""
+            return ContextPool(
+                context,
+                len(masks),
+                cost=first.memory,
+                budget=self.budget,
+                labels=[
+                    f"{where}{_context_label(self.backend.name, m, i)}" for i, m in enumerate(masks)
+                ],
+                on_call=self.stats.context,
+            )
 
         constants = (
             self.planner.files(dict(decision.signature)).constants(decision.constant_outputs)
@@ -251,11 +305,15 @@ class RKNNEngine:
         return Program(decision, open_npu, lambda part: self._cpu(decision, part), constants)
 
     def _remember(self, signature: Signature, program: Program) -> None:
+        """Keep ``program``; retire the least recently used ones beyond ``max_live_shapes`` or
+        the memory budget (the newest always stays). (Holding the engine lock.)"""
         self._programs[signature] = program
-        while len(self._programs) > self.options.max_live_shapes:
+        while len(self._programs) > 1 and (
+            len(self._programs) > self.options.max_live_shapes or self.budget.over
+        ):
             old_sig, old = self._programs.popitem(last=False)
             log.info("closing the least recently used compiled shape of %s", self._name)
-            old.close()
+            old.retire()
             self.planner.forget(self._named(old_sig))
 
     def _cpu(self, decision: Decision, part: Part) -> tuple[Any, Path]:
@@ -263,7 +321,8 @@ class RKNNEngine:
         from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
         path = self.planner.cpu_file(decision, part)
-        return InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
+        session = InferenceSession(str(path), self._cpu_options, providers=["CPUExecutionProvider"])
+        return session, path
 
     # -- shapes missing from the cache --
 
@@ -353,13 +412,7 @@ class RKNNEngine:
         for attempt in range(2):
             program = self._program_for(plan.signature)
             try:
-                parts = []
-                for chunk in plan.chunks:
-                    padded = self.policy.pad(arrays, plan, chunk)
-                    outs = program.run([np.ascontiguousarray(a) for a in padded], on_segment)
-                    parts.append(
-                        self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
-                    )
+                parts = self._run_chunks(program, arrays, plan, on_segment)
                 break
             except RunnerClosed:
                 if attempt or self._closed:
@@ -369,15 +422,39 @@ class RKNNEngine:
             except RunnerError as e:
                 # The runtime refused this very feed and still works: onnxruntime answers it.
                 raise CpuCall(f"the NPU runtime refused this call: {e}") from e
+            finally:
+                program.release()
         return [cast_output(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)]
+
+    def _run_chunks(
+        self, program: Program, arrays: Sequence[np.ndarray], plan: Any, on_segment: Any
+    ) -> list[list[np.ndarray]]:
+        """Each batch chunk through ``program``; several chunks at once on several contexts."""
+
+        def one(chunk: slice) -> list[np.ndarray]:
+            padded = self.policy.pad(arrays, plan, chunk)
+            outs = program.run([np.ascontiguousarray(a) for a in padded], on_segment)
+            return self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
+
+        if len(plan.chunks) == 1 or len(self.parts.core_masks()) == 1:
+            return [one(chunk) for chunk in plan.chunks]
+        with self._lock:
+            if self._chunks is None:
+                self._chunks = ThreadPoolExecutor(
+                    len(self.parts.core_masks()), thread_name_prefix="rkort-chunk"
+                )
+        return list(self._chunks.map(one, plan.chunks))
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             programs = list(self._programs.values())
             self._programs.clear()
+            chunks, self._chunks = self._chunks, None
         for program in programs:
-            program.close()
+            program.retire()
+        if chunks is not None:
+            chunks.shutdown(wait=False)
         self.planner.close()
         if self._recorder is not None:
             self._recorder.flush()
@@ -392,6 +469,22 @@ def _beyond_fp16(a: np.ndarray) -> bool:
         return False
     big = np.abs(a) > _FP16_MAX
     return bool(big.any() and np.isfinite(a[big]).any())
+
+
+def default_budget() -> int:
+    """A quarter of the machine's memory, at most the 4 GiB an RK35xx NPU addresses."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        total = 8 << 30
+    return min(total // 4, 4 << 30)
+
+
+def _context_label(backend: str, mask: int | None, slot: int) -> str:
+    if mask is None:
+        return f"{backend} context {slot}"
+    cores = [str(c) for c in range(16) if mask & (1 << c)]
+    return f"NPU core{'s' if len(cores) > 1 else ''} {'+'.join(cores)}"
 
 
 def _shape_text(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgument, ort_error
-from .platform import SUPPORTED_TARGETS, default_target
+from .platform import SUPPORTED_TARGETS, cores_of, default_target
 
 PROVIDER = "RKNNExecutionProvider"
 ALIASES = ("RKNN", "RKNNExecutionProvider")
@@ -27,6 +28,8 @@ _CORE_MASKS = {
     "1": 2,
     "2": 4,
     "0_1": 3,
+    "0_2": 5,
+    "1_2": 6,
     "0_1_2": 7,
     "all": 0xFFFF,
 }
@@ -37,7 +40,9 @@ KNOWN = {
     "target": "SoC to compile for (rk3588, rk3576, rk3568, rk3566, rk3562, ...); default: the board's own SoC, rk3588 on a host",
     "dtype": "fp16 (default) or a quantized dtype: w8a8, w8a16, w16a16i_dfp, w4a16 (needs 'dataset')",
     "dataset": "calibration dataset file for quantized builds (one sample a line, space-separated .npy paths)",
-    "core_mask": "NPU cores on a board: auto (default), 0, 1, 2, 0_1, 0_1_2, all, or the integer mask",
+    "core_mask": "NPU cores a session may use: auto (default: all of the SoC's), 0, 1, 2, 0_1, 1_2, 0_1_2, all, or the integer mask",
+    "contexts": "contexts per compiled model: auto (default: one per allowed core, opened when calls overlap) or a number (1: one context on all the allowed cores)",
+    "memory_budget": "bytes of compiled models a session keeps loaded, e.g. 2G (default: a quarter of the RAM, at most 4G)",
     "cache_dir": "where compiled blobs are kept (default: $RKORT_CACHE_DIR or the user cache dir)",
     "device_id": "run on a board attached over adb, by its adb device id",
     "fallback": "1 (default): fall back to the next provider when RKNN cannot run the model; 0: raise instead",
@@ -71,6 +76,28 @@ def _flag(key: str, value: str) -> bool:
     raise _bad(key, value, "expected 1 or 0")
 
 
+def _count(key: str, value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise _bad(key, value, "expected auto or a positive integer")
+    return n
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(key: str, value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower())
+    if not m:
+        raise _bad(key, value, "expected a size such as 512M or 2G")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
 @dataclass(frozen=True)
 class RKNNOptions:
     """Parsed provider options; ``raw`` keeps the user's str->str dict as onnxruntime reports it."""
@@ -91,6 +118,8 @@ class RKNNOptions:
     oversize_to_cpu: bool = False
     shape_mode: str = "buckets"
     max_live_shapes: int = 4
+    contexts: int | None = None
+    memory_budget: int | None = None
     record_shapes: bool = False
     remote_cache: str | None = None
     remote_write: bool = False
@@ -136,6 +165,13 @@ class RKNNOptions:
                         raw["core_mask"],
                         f"expected one of {list(_CORE_MASKS)} or an integer",
                     ) from None
+        cores = cores_of(target)
+        if core_mask not in (0, 0xFFFF) and core_mask >> cores:
+            raise _bad(
+                "core_mask",
+                raw["core_mask"],
+                f"it names NPU cores {target} does not have (it has {cores})",
+            )
         level = 3
         if "optimization_level" in raw:
             try:
@@ -179,6 +215,10 @@ class RKNNOptions:
             oversize_to_cpu=oversize == "cpu",
             shape_mode=shape_mode,
             max_live_shapes=live,
+            contexts=_count("contexts", raw["contexts"]) if "contexts" in raw else None,
+            memory_budget=_size("memory_budget", raw["memory_budget"])
+            if "memory_budget" in raw
+            else None,
             record_shapes=_flag("record_shapes", raw["record_shapes"])
             if "record_shapes" in raw
             else False,

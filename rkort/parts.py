@@ -4,6 +4,7 @@ from the cache where not (a board), each blob's entry recording what it was buil
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from .compiler import compile_blob
 from .decision import Decision, Part
 from .options import RKNNOptions
 from .planner import Planner
-from .platform import toolkit_lite_version, toolkit_version
+from .platform import cores_of, toolkit_lite_version, toolkit_version
 from .spec import BuildSpec, build_recipe
 from .stats import SessionStats
 
@@ -107,8 +108,10 @@ class PartOpener:
         """True when a part missing from the cache can be built here."""
         return self.backend.builds or self.converter
 
-    def build(self, part: Part, signature: Mapping[str, Sequence[int]]) -> Runner:
-        """Build an NPU part through the cache (a trial build) and open it."""
+    def build(
+        self, part: Part, signature: Mapping[str, Sequence[int]], core_mask: int | None = None
+    ) -> Runner:
+        """Build an NPU part through the cache (a trial build) and open it (on ``core_mask``)."""
         assert part.spec is not None and part.key is not None
         spec, progress = part.spec, self.options.progress
         meta = blob_meta(self.planner, spec, part, signature)
@@ -124,36 +127,55 @@ class PartOpener:
             entry, made = self.cache.get_or_build(part.key, build, meta)
             self._count(entry, made, spec)
             _discard_ephemeral(entry)
-            return built[0] if built else self.backend.open(Opening(spec, progress=progress))
+            runner = built[0] if built else self.backend.open(Opening(spec, progress=progress))
+            runner.memory = entry.size
+            return runner
         entry, made = self.cache.get_or_build(
             part.key, lambda dest: compile_blob(spec, dest, progress=progress), meta
         )
         self._count(entry, made, spec)
         try:
-            runner = self.backend.open(Opening(spec, blob=entry.blob_path, options=self.options))
+            return self._load(spec, entry, core_mask)
         finally:
             _discard_ephemeral(entry)  # the runtime holds the blob once it is open
-        self.stats.loaded()
-        return runner
 
-    def open(self, decision: Decision, part: Part) -> Runner:
-        """Open an NPU part no trial build opened (its decision came from the cache's record):
-        loaded from the cache, or built when it is missing and a converter is here."""
+    def open(self, decision: Decision, part: Part, core_mask: int | None = None) -> Runner:
+        """Open an NPU part no trial build opened (its decision came from the cache's record,
+        or this is one more context of it): loaded from the cache, or built when it is missing
+        and a converter is here."""
         assert part.spec is not None and part.key is not None
         if not self.backend.builds:
             entry = self.cache.get(part.key, identity(part.spec))
             if entry is not None:
-                runner = self.backend.open(
-                    Opening(part.spec, blob=entry.blob_path, options=self.options)
-                )
-                self.stats.loaded()
-                return runner
+                return self._load(part.spec, entry, core_mask)
             if not self.converter:
                 raise MissingBlob(
                     f"the cache has no blob {part.key[:12]} for {part.spec.model_name}"
                 )
         self.planner.ensure_file(decision, part)
-        return self.build(part, decision.signature)
+        return self.build(part, decision.signature, core_mask)
+
+    def _load(self, spec: BuildSpec, entry: Entry, core_mask: int | None) -> Runner:
+        opening = Opening(spec, blob=entry.blob_path, options=self.options, core_mask=core_mask)
+        runner = self.backend.open(opening)
+        runner.memory = entry.size
+        self.stats.loaded()
+        return runner
+
+    def core_masks(self) -> list[int | None]:
+        """One core mask per context a part may open: one context per allowed core (the SoC's
+        cores, restricted by the ``core_mask`` option), or one context on every allowed core with
+        ``contexts=1``. On the host simulator a context is a worker process (at most one per
+        CPU) and masks mean nothing."""
+        cores = cores_of(self.options.target)
+        mask = self.options.core_mask
+        allowed = [c for c in range(cores) if mask in (0, 0xFFFF) or mask & (1 << c)] or [0]
+        wanted = self.options.contexts or len(allowed)
+        if self.backend.builds:
+            return [None] * max(1, min(wanted, cores, os.cpu_count() or 1))
+        if wanted == 1:
+            return [None]  # the options' own mask: auto, or every allowed core at once
+        return [1 << c for c in allowed[:wanted]]
 
     def _count(self, entry: Entry, made: bool, spec: BuildSpec) -> None:
         shapes = ", ".join(f"{n}={list(s)}" for n, s in zip(spec.input_names, spec.input_shapes))

@@ -3,6 +3,7 @@ onnxruntime session, intermediate values handed from one to the next and freed a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -67,12 +68,13 @@ class ProgramSegment:
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The segment's outputs (in ``outputs`` order, declared dtypes) for its inputs."""
-        if self.runner is not None:
-            outs = self.runner.run([np.ascontiguousarray(a) for a in arrays])
+        runner, session = self.runner, self.session  # close() may clear them meanwhile
+        if runner is not None:
+            outs = runner.run([np.ascontiguousarray(a) for a in arrays])
             return [cast_output(o, dt) for o, dt in zip(outs, self.output_dtypes)]
-        if self.session is None:
+        if session is None:
             raise RunnerClosed(f"segment {self.index} ({self.device}) is closed")
-        return list(self.session.run(list(self.outputs), dict(zip(self.inputs, arrays))))
+        return list(session.run(list(self.outputs), dict(zip(self.inputs, arrays))))
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
@@ -107,6 +109,11 @@ class Program:
         self.input_shapes = dict(decision.signature)
         self._constants = dict(constants or {})
         self._closed = False
+        # Calls running now, and whether the engine has let the program go: a retired program
+        # closes when its last call ends, never under one.
+        self._users = 0
+        self._retired = False
+        self._use = threading.Lock()
         self.segments: list[ProgramSegment] = []
         try:
             for part in decision.parts:
@@ -176,6 +183,27 @@ class Program:
             for name in self._release_after.get(seg.index, ()):
                 env.pop(name, None)
         return [env[n] for n in self.output_names]
+
+    def acquire(self) -> None:
+        """A call starts using this program (see :meth:`retire`)."""
+        with self._use:
+            self._users += 1
+
+    def release(self) -> None:
+        """A call is done with this program."""
+        with self._use:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self.close()
+
+    def retire(self) -> None:
+        """Close once no call uses the program (at once if none does)."""
+        with self._use:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self.close()
 
     def close(self) -> None:
         """Close every NPU runner and drop the CPU sessions."""

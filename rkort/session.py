@@ -11,7 +11,10 @@ from __future__ import annotations
 import collections.abc
 import logging
 import os
+import re
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -119,6 +122,8 @@ class InferenceSession(_ort.InferenceSession):
         self._source: ModelSource | None = None
         name = os.path.basename(os.fspath(path_or_bytes)) if _is_path(path_or_bytes) else "<bytes>"
         self._stats = SessionStats(name)
+        self._failing = threading.Lock()
+        self._async: ThreadPoolExecutor | None = None
         #: Why calls run on the CPU while no RKNN engine runs this session.
         self._cpu_reason = f"{PROVIDER} was not asked for"
         super().__init__(path_or_bytes, sess_options, providers, provider_options, **kwargs)
@@ -149,7 +154,12 @@ class InferenceSession(_ort.InferenceSession):
             )
         try:
             engine = RKNNEngine(
-                self._source, self.get_inputs(), self.get_outputs(), options, self._stats
+                self._source,
+                self.get_inputs(),
+                self.get_outputs(),
+                options,
+                self._stats,
+                cpu_options(self._sess_options),
             )
         except Exception as e:  # noqa: BLE001 - every RKNN failure means: the next provider runs it
             if not isinstance(e, (Unsupported, CompileError, OSError)):
@@ -176,6 +186,9 @@ class InferenceSession(_ort.InferenceSession):
         engine, self._rknn = self._rknn, None
         if engine is not None:
             engine.close()
+        pool, self._async = getattr(self, "_async", None), None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def __del__(self) -> None:
         try:
@@ -214,7 +227,7 @@ class InferenceSession(_ort.InferenceSession):
         except RunnerDied as e:
             # The device context is gone: as onnxruntime does when an execution provider
             # fails, warn and fall back for good.
-            self._rknn_failed(e)
+            self._rknn_failed(e, engine)
             reason = self._cpu_reason
         else:
             self._stats.npu()
@@ -223,14 +236,45 @@ class InferenceSession(_ort.InferenceSession):
         self._stats.cpu(reason)
         return outs
 
-    def _rknn_failed(self, error: Exception) -> None:
+    def run_async(self, output_names, input_feed, callback, user_data, run_options=None):  # type: ignore[no-untyped-def]
+        """As onnxruntime's: compute on another thread, then ``callback(outputs, user_data, err)``
+        (``err`` is "" on success; on failure the outputs are ``[]`` and ``err`` says why). On
+        RKNN the calls are served by the session's NPU contexts, several at once."""
+        if self._rknn is None:
+            return super().run_async(output_names, input_feed, callback, user_data, run_options)
+        self._validate_input(list(input_feed.keys()))
+        with self._failing:
+            if self._async is None:
+                workers = max(2, len(self._rknn.parts.core_masks()))
+                self._async = ThreadPoolExecutor(workers, thread_name_prefix="rkort-async")
+            pool = self._async
+
+        def call() -> None:
+            try:
+                outputs = self.run(output_names, input_feed, run_options)
+            except Exception as e:  # noqa: BLE001 - the callback is told, as onnxruntime does
+                callback([], user_data, _status_text(e))
+                return
+            callback(outputs, user_data, "")
+
+        pool.submit(call)
+
+    def _rknn_failed(self, error: Exception, engine: RKNNEngine) -> None:
+        """The device context of ``engine`` is gone: fall back to the next provider (once, even
+        when several threads see it), or raise EPFail when fallback is off."""
         reason = f"{type(error).__name__}: {error}"
-        if self._rknn is None or not self._rknn.options.fallback:
+        if not engine.options.fallback:
             raise ort_error(EPFail, f"{PROVIDER} cannot run this model: {reason}") from error
-        log.warning(
-            "%s failed, the session now runs on %s: %s", PROVIDER, self.get_providers()[1:], reason
-        )
-        self._close_rknn()
+        with self._failing:
+            if self._rknn is not engine:
+                return  # another thread already fell back
+            log.warning(
+                "%s failed, the session now runs on %s: %s",
+                PROVIDER,
+                self.get_providers()[1:],
+                reason,
+            )
+            self._close_rknn()
         self._cpu_reason = f"{PROVIDER} failed: {reason}"
         self._providers = [p for p in self.get_providers() if p != PROVIDER]
         self._stats.providers = self.get_providers()
@@ -296,6 +340,35 @@ def session_stats(session: _ort.InferenceSession) -> dict[str, Any]:
             f"session_stats() takes an rkort InferenceSession, not {type(session).__name__}"
         )
     return stats.as_dict()
+
+
+def cpu_options(given: Any) -> Any:
+    """The SessionOptions for the CPU segments of a session opened with ``given``: the user's
+    own (threads, execution mode, custom-op libraries), unless it would make each segment write
+    a profile or an optimized model of its own; then a copy of what can be copied."""
+    if given is None:
+        return None
+    if not given.enable_profiling and not given.optimized_model_filepath:
+        return given
+    copy = _ort.SessionOptions()
+    for name in (
+        "intra_op_num_threads",
+        "inter_op_num_threads",
+        "execution_mode",
+        "graph_optimization_level",
+        "log_severity_level",
+        "enable_cpu_mem_arena",
+        "enable_mem_pattern",
+        "use_deterministic_compute",
+    ):
+        setattr(copy, name, getattr(given, name))
+    return copy
+
+
+def _status_text(error: BaseException) -> str:
+    """An error as onnxruntime's run_async callback words it (its status message, no prefix)."""
+    text = str(error)
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
 
 
 def _is_path(value: Any) -> bool:

@@ -47,6 +47,11 @@ class SessionStats:
             if context is not None:
                 self.contexts[context] += 1
 
+    def context(self, label: str) -> None:
+        """A call ran on the NPU context ``label``."""
+        with self._lock:
+            self.contexts[label] += 1
+
     def cpu(self, reason: str) -> None:
         """A call answered by onnxruntime on the CPU, and why (logged the first time)."""
         with self._lock:

@@ -264,25 +264,42 @@ def test_a_corrupt_blob_is_detected_and_its_calls_use_the_cpu(
 
 
 @pytest.mark.parametrize(
-    ("board", "mask", "on_npu"),
+    ("board", "options", "on_npu"),
     [
-        ("rk3588", "0_1_2", True),
-        ("rk3588", "2", True),
-        ("rk3588", "5", False),
-        ("rk3566", "0_1", False),
+        ("rk3588", {"core_mask": "0_1_2"}, True),
+        ("rk3588", {"core_mask": "2"}, True),
+        ("rk3588", {"core_mask": "0_1_2", "contexts": "1"}, True),  # one context on 3 cores
+        ("rk3588", {"core_mask": "0_2", "contexts": "1"}, False),  # RK3588 refuses mask 5
     ],
 )
-def test_core_masks(encoder: Path, tmp_path: Path, board: str, mask: str, on_npu: bool) -> None:
+def test_core_masks(
+    encoder: Path, tmp_path: Path, board: str, options: dict[str, str], on_npu: bool
+) -> None:
     cache = tmp_path / "cache"
     warm(encoder, cache, "--buckets", "16", "--batch-buckets", "1", "--target", board)
     _, stats, outputs = rehearse(
-        encoder, cache, tmp_path / "out", (10,), board=board, options={"core_mask": mask}
+        encoder, cache, tmp_path / "out", (10,), board=board, options=options
     )
     assert (stats["npu_calls"] == 1) is on_npu
     if not on_npu:
         assert stats["providers"] == ["CPUExecutionProvider"]
-        assert "init_runtime(core_mask=" in next(iter(stats["cpu_reasons"]))
+        assert "init_runtime(core_mask=5)" in next(iter(stats["cpu_reasons"]))
     assert_matches_onnxruntime(encoder, outputs)
+
+
+def test_a_core_the_soc_lacks_is_a_clear_error(encoder: Path, tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import sys, onnxruntime as ort\n"
+        "try:\n"
+        "    ort.InferenceSession(sys.argv[1], providers=[('RKNNExecutionProvider', {'core_mask': '0_1'})])\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    done = rkort(
+        "run", "--board", "rk3566", "--", sys.executable, str(app), str(encoder), cache=tmp_path
+    )
+    assert "InvalidArgument" in done.stdout and "rk3566 does not have (it has 1)" in done.stdout
 
 
 def test_rkort_env_says_which_cached_blobs_this_board_loads(warmed: Path) -> None:

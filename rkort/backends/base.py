@@ -28,6 +28,8 @@ class Opening:
     options: Optional[RKNNOptions] = None
     export_to: Optional[Path] = None
     progress: Optional[bool] = None
+    #: The NPU cores this context runs on (a board's core mask); None: the options' core mask.
+    core_mask: Optional[int] = None
 
 
 class RunnerError(RuntimeError):
@@ -57,6 +59,8 @@ class Runner(abc.ABC):
 
     #: The backend's name: "board", "simulator", "adb" or "cpu".
     name: str = "runner"
+    #: Bytes of the compiled model this runner holds loaded (its blob's size, where known).
+    memory: int = 0
 
     def __init__(self, spec: BuildSpec) -> None:
         self.spec = spec

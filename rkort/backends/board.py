@@ -101,7 +101,8 @@ class _Board:
     def open(self, o: Opening) -> Runner:
         if o.blob is None:
             raise ValueError("the board backend runs compiled blobs: give Opening.blob")
-        return open_board(o.blob, o.spec, o.options.core_mask if o.options is not None else 0)
+        mask = o.core_mask if o.core_mask is not None else (o.options.core_mask if o.options else 0)
+        return open_board(o.blob, o.spec, mask)
 
 
 BACKEND = _Board()

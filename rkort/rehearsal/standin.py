@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ class RKNNLite:
         self._worker: Any = None
         self._spec: BuildSpec | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        # A context used by two threads at once corrupts results on boards (rknn-toolkit2 issues
+        # 461, 533): the stand-in refuses the second call, loudly.
+        self._busy = threading.Lock()
 
     # -- the runtime's API --
 
@@ -171,11 +175,16 @@ class RKNNLite:
                 )
                 return None
             arrays.append(a)
+        if not self._busy.acquire(blocking=False):
+            log.error("RKNNLite.inference() called by two threads at once on one context")
+            return None
         try:
             outputs = self._worker.call(arrays, data_format)
         except Exception as e:  # noqa: BLE001 - the runtime's form: logged, and None
             log.error("Catch exception when running RKNN model. %s", e)
             return None
+        finally:
+            self._busy.release()
         return [np.asarray(o, dtype=np.float32) for o in outputs]
 
     def get_sdk_version(self) -> str | None:
