@@ -10,12 +10,13 @@ from collections.abc import Sequence
 
 from ..cache import CacheError
 from ..version import __version__
+from .buckets import add_buckets_parser
 from .cache_cmd import cmd_cache
 from .common import UsageError, parse_age, parse_shape, parse_size
 from .env import cmd_env
 from .inspect import cmd_inspect
 from .run import add_run_parser
-from .warmup import cmd_warmup
+from .warmup import add_traffic_flags, cmd_warmup
 
 __all__ = ["UsageError", "build_parser", "main", "parse_age", "parse_shape", "parse_size"]
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--optimization-level", type=int, default=3, choices=(0, 1, 2, 3))
     w.add_argument("--cache-dir", help="default: $RKORT_CACHE_DIR or the user cache dir")
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_traffic_flags(w)
     w.set_defaults(func=cmd_warmup)
 
     c = sub.add_parser("cache", help="list, inspect, clear or prune the compiled-blob cache")
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_env)
 
     add_run_parser(sub)
+    add_buckets_parser(sub)
     i = sub.add_parser(
         "inspect",
         help="which node of a model runs where (NPU or CPU) and why, before anything runs",

@@ -1,5 +1,9 @@
 """``rkort warmup``: compile a model into the cache ahead of time, exactly as its sessions will run
-it (the same decision per signature, trial builds included, recorded for boards)."""
+it (the same decision per signature, trial builds included, recorded for boards).
+
+With ``--from-traffic``, the signatures are the ones fitted to the shapes its sessions recorded
+(``rkort buckets``); once they are compiled they are stored as the model's ``fitted.json``, which
+its sessions then use as their buckets (on a board every warmed shape is one anyway)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from ..parts import blob_meta
 from ..planner import Part, Planner
 from ..shapes import signature_of
 from ..spec import CompileError
+from ..traffic import write_fitted
+from .buckets import DEFAULT_MAX_SHAPES, NoTraffic, TrafficFit, fit_traffic
 from .common import UsageError
 from .common import human as _human
 
@@ -46,9 +52,23 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     sess = InferenceSession(args.model, providers=["CPUExecutionProvider"])
     model = ModelSource(args.model)
     planner = Planner(model, options, Cache(args.cache_dir))
+    fitted: TrafficFit | None = None
     try:
         try:
-            if args.shape:
+            if getattr(args, "from_traffic", False):
+                if args.shape or args.buckets or args.batch_buckets:
+                    raise UsageError(
+                        "--from-traffic chooses the shapes: leave out --shape, --buckets and "
+                        "--batch-buckets"
+                    )
+                try:
+                    fitted = fit_traffic(args.model, options, planner.cache, args.max_shapes)
+                except NoTraffic as e:
+                    print(f"rkort warmup: {e}", file=sys.stderr)
+                    return 1
+                names = [i.name for i in sess.get_inputs()]
+                signatures = [dict(zip(names, s)) for s in fitted.signatures]
+            elif args.shape:
                 signatures = [signature_of(model.proto, dict(args.shape))]
             else:
                 policy = make_policy(model, sess.get_inputs(), sess.get_outputs(), options)
@@ -87,9 +107,50 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         except CompileError as e:
             print(f"rkort warmup: could not compile {args.model}: {e}", file=sys.stderr)
             return 1
+        if fitted is not None:
+            _store_fitted(planner, fitted, args.max_shapes)
         return report.done()
     finally:
         planner.close()
+
+
+def _store_fitted(planner: Planner, fitted: TrafficFit, max_shapes: int) -> None:
+    """Keep the compiled fitted signatures as the model's buckets, and say so."""
+    info = {
+        "max_shapes": max_shapes,
+        "samples": fitted.samples,
+        "buckets": fitted.buckets,
+        "waste": round(fitted.waste, 4),
+        "current_waste": round(fitted.current_waste, 4),
+        "exact": fitted.exact,
+    }
+    path = write_fitted(planner.cache, planner.model_hash, fitted.inputs, fitted.signatures, info)
+    sizes = "; ".join(f"{s} {','.join(map(str, b))}" for s, b in fitted.buckets.items())
+    print(
+        f"fitted {len(fitted.signatures)} shape(s) to {fitted.samples} recorded call(s)"
+        + (f" ({sizes})" if sizes else "")
+        + f": padding waste {fitted.waste:.2f}x, against {fitted.current_waste:.2f}x with the "
+        f"default buckets; sessions of this model use them from now on ({path})"
+    )
+
+
+def add_traffic_flags(parser: argparse.ArgumentParser) -> None:
+    """``--from-traffic`` and ``--max-shapes`` on the warmup parser."""
+    parser.add_argument(
+        "--from-traffic",
+        dest="from_traffic",
+        action="store_true",
+        help="compile the shapes fitted to what its sessions recorded (record_shapes=1; see "
+        "`rkort buckets`), and make them the model's buckets",
+    )
+    parser.add_argument(
+        "--max-shapes",
+        dest="max_shapes",
+        type=int,
+        default=DEFAULT_MAX_SHAPES,
+        metavar="K",
+        help=f"with --from-traffic: shapes to fit (default {DEFAULT_MAX_SHAPES})",
+    )
 
 
 class _Report:
