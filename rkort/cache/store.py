@@ -17,7 +17,8 @@ against its recorded sha256 and size before :meth:`Cache.get` returns it. Nothin
 ever unpickled or executed: metadata is JSON.
 
 When the directory cannot take a blob (read-only, full, not a directory), builds still succeed:
-the blob goes to a private temporary directory (an *ephemeral* entry) with one warning.
+the blob goes to a private temporary directory (an *ephemeral* entry) with one warning. A remote
+cache (:mod:`rkort.cache.remote`) is asked on a local miss and, when publishing, given new builds.
 """
 
 from __future__ import annotations
@@ -68,13 +69,16 @@ from .entry import (
     seal_blob,
 )
 from .hashes import HashMemo, bytes_hash
-from .records import Records
+from .records import Records, RemoteCache
 
 logger = logging.getLogger("rkort.cache")
 
 # A build in progress holds its key's lock, so the lock is what protects it; the age only keeps
 # a concurrent older rkort, which may lock differently, from losing its temp dir.
 _STALE_TMP_AGE_S = 300.0
+
+#: Opens the remote cache a Cache names: rkort.cache.remote's (a room above), set by rkort.cache.
+open_remote: Optional[Callable[[Cache], RemoteCache]] = None
 
 
 class Cache:
@@ -98,13 +102,16 @@ class Cache:
         )
         #: A shared remote cache (an fsspec URL) read on a local miss; written when asked.
         self.remote_url = remote or os.environ.get("RKORT_REMOTE_CACHE") or None
-        self.remote_write = remote_write
+        env_write = os.environ.get("RKORT_REMOTE_WRITE", "").strip().lower()
+        self.remote_write = remote_write or env_write in ("1", "true", "yes", "on")
         self._locks: dict[tuple[int, str], filelock.FileLock] = {}
         #: Memoized content hashes of model files (:mod:`rkort.cache.hashes`).
         self.hashes = HashMemo(self.root, self._root_exists, lambda: self._ensure_dirs("hashes"))
         #: The program records kept beside the blobs (:mod:`rkort.cache.records`).
         self.records = Records(self.root, self._root_exists, self._ensure_dirs)
         self._root_exists()
+        self.remote = open_remote(self) if self.remote_url and open_remote else None
+        self.records.remote = self.remote
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
@@ -125,24 +132,27 @@ class Cache:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def get(self, key: str, expect: Optional[Mapping[str, Any]] = None) -> Optional[Entry]:
+    def get(
+        self, key: str, expect: Optional[Mapping[str, Any]] = None, *, remote: bool = True
+    ) -> Optional[Entry]:
         """The entry for ``key`` after checking its blob's sha256 and size, or None.
 
         A corrupt entry is removed and an unsafe one (symlink, foreign owner, outside the root)
         moved to ``quarantine/``, each with a warning; both count as absent. With ``expect``, an
-        entry whose metadata differs from it on any of its fields counts as corrupt too.
+        entry whose metadata differs from it on any of its fields counts as corrupt too. On a
+        local miss, the remote cache's entry is fetched here and checked alike (with ``remote``).
         """
         check_key(key)
         expected = canonical(expect or {})
-        if not self._root_exists():
-            return None
-        entry, problem = inspect_entry(
-            self.root, self._entry_dir(key), key, verify=True, expect=expected
-        )
+        entry, problem = None, None
+        if self._root_exists():
+            entry, problem = inspect_entry(
+                self.root, self._entry_dir(key), key, verify=True, expect=expected
+            )
         if problem is not None:
             entry = self._repair(key, problem, expected)
         if entry is None:
-            return None
+            return self.remote.fetch(key, expected) if remote and self.remote else None
         return self._touch(entry)
 
     def entries(self) -> list[Entry]:
@@ -196,7 +206,7 @@ class Cache:
         except OSError as exc:
             return self._build_ephemeral(key, build, base_meta, exc), True
         try:
-            entry = self.get(key, expect)
+            entry = self.get(key, expect, remote=False)
             if entry is not None:
                 return entry, False
             # Holding the key's lock proves no build of this key is running: whatever it left
@@ -207,11 +217,14 @@ class Cache:
             except OSError as exc:
                 return self._build_ephemeral(key, build, base_meta, exc), True
             try:
-                return self._build_into(tmp_dir, key, build, base_meta), True
+                entry = self._build_into(tmp_dir, key, build, base_meta)
             finally:
                 remove_tree(tmp_dir)
         finally:
             lock.release()
+        if self.remote is not None:
+            self.remote.publish(entry)
+        return entry, True
 
     def _build_into(
         self,
@@ -249,6 +262,12 @@ class Cache:
         write_new(tmp_dir / META, dump_meta(full_meta))
         write_new(tmp_dir / LAST_USED, b"")
         fsync_dir(tmp_dir)
+        entry_dir = self.place(tmp_dir, key)
+        return Entry(key, entry_dir, entry_dir / BLOB, full_meta, size, created, created)
+
+    def place(self, tmp_dir: Path, key: str) -> Path:
+        """Rename a complete, checked entry directory under ``tmp/`` into place as ``key``'s (the
+        caller holds the key's lock); returns where it is now."""
         entry_dir = self._entry_dir(key)
         shard = entry_dir.parent
         if os.path.islink(shard):
@@ -256,7 +275,7 @@ class Cache:
             self._ensure_dirs("quarantine")
             os.rename(shard, self.root / "quarantine" / f"{shard.name}.{time.time_ns()}")
             logger.warning(
-                "cache directory %s is a symlink; moved to quarantine, a real one replaces it",
+                "cache directory %s is a symlink; moved to quarantine, replaced by a real one",
                 shard,
             )
         os.makedirs(shard, mode=0o700, exist_ok=True)
@@ -266,7 +285,7 @@ class Cache:
         except OSError as exc:
             # The entry is already in place and get() checks it before any use.
             logger.debug("could not fsync %s: %s", entry_dir.parent, exc)
-        return Entry(key, entry_dir, entry_dir / BLOB, full_meta, size, created, created)
+        return entry_dir
 
     def _build_ephemeral(
         self,
@@ -301,10 +320,7 @@ class Cache:
         )
 
     def remove(self, key: str) -> bool:
-        """Remove the entry for ``key``; True if there was one.
-
-        A symlink is unlinked, not followed.
-        """
+        """Remove the entry for ``key`` (a symlink is unlinked, not followed); True if there was."""
         check_key(key)
         if not self._root_exists():
             return False
@@ -347,9 +363,7 @@ class Cache:
         for sub in subdirs:
             path = self.root / sub
             if os.path.islink(path):
-                raise OSError(
-                    errno.ELOOP, "a symlink where the cache keeps its own directory", str(path)
-                )
+                raise OSError(errno.ELOOP, "a symlink in place of a cache directory", str(path))
             os.makedirs(path, mode=0o700, exist_ok=True)
 
     def _layout(self) -> Path:
@@ -430,25 +444,16 @@ class Cache:
         return True
 
     def _touch(self, entry: Entry) -> Entry:
+        flags = os.O_WRONLY | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK
         try:
-            fd = os.open(
-                entry.dir / LAST_USED,
-                os.O_WRONLY | os.O_CREAT | O_NOFOLLOW | O_NONBLOCK,
-                0o600,
-            )
+            fd = os.open(entry.dir / LAST_USED, flags, 0o600)
+            try:
+                os.utime(fd if os.utime in os.supports_fd else entry.dir / LAST_USED)
+            finally:
+                os.close(fd)
         except OSError as exc:
             logger.debug("could not record the use of %s: %s", entry.key, exc)
             return entry
-        try:
-            if os.utime in os.supports_fd:
-                os.utime(fd)
-            else:
-                os.utime(entry.dir / LAST_USED)
-        except OSError as exc:
-            logger.debug("could not record the use of %s: %s", entry.key, exc)
-            return entry
-        finally:
-            os.close(fd)
         return dataclasses.replace(entry, last_used=time.time())
 
     def _clean_tmp(self, min_age: float, holding: Optional[str] = None) -> None:

@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_traffic_flags(w)
     w.set_defaults(func=cmd_warmup)
 
-    c = sub.add_parser("cache", help="list, inspect, clear or prune the compiled-blob cache")
-    c.add_argument("action", choices=("list", "info", "clear", "prune"))
+    c = sub.add_parser(
+        "cache", help="list, inspect, clear, prune, export or import the compiled-blob cache"
+    )
+    c.add_argument("action", choices=("list", "info", "clear", "prune", "export", "import"))
+    c.add_argument("path", nargs="?", help="export: the bundle to write; import: the one to read")
     c.add_argument("--cache-dir", help="default: $RKORT_CACHE_DIR or the user cache dir")
     c.add_argument("--json", action="store_true")
     c.add_argument(
@@ -87,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--older-than", type=parse_age, help="prune: remove entries unused for this long (e.g. 30d)"
+    )
+    c.add_argument("--target", help="export: only the entries built for this SoC (e.g. rk3588)")
+    c.add_argument(
+        "--model",
+        action="append",
+        help="export: only the entries of this model (its file, name or content hash; repeatable)",
     )
     c.set_defaults(func=cmd_cache)
 

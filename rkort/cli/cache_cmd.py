@@ -1,13 +1,17 @@
-"""``rkort cache list|info|clear|prune``: look after the compiled-blob cache."""
+"""``rkort cache list|info|clear|prune|export|import``: look after the compiled-blob cache and carry
+it to boards in bundles."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from typing import Any
 
-from ..cache import Cache
+from ..cache import Cache, export_bundle, import_bundle
+from ..model import ModelSource
 from .common import UsageError
 from .common import human as _human
 
@@ -57,6 +61,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 f"cache: {info['root']}\nentries: {info['entries']}\nsize: {_human(info['bytes'])}"
             )
         return 0
+    if args.action in ("export", "import"):
+        return _bundle(cache, args)
     if args.action == "clear":
         n = cache.clear()
         print(f"removed {n} entr{'y' if n == 1 else 'ies'} from {cache.root}")
@@ -67,5 +73,32 @@ def cmd_cache(args: argparse.Namespace) -> int:
     freed = sum(e.size for e in removed)
     print(
         f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, freed {_human(freed)}"
+    )
+    return 0
+
+
+def _bundle(cache: Cache, args: argparse.Namespace) -> int:
+    if not args.path:
+        raise UsageError(
+            f"{args.action} needs a bundle path, e.g. rkort cache {args.action} fleet.tar"
+        )
+    if args.action == "import":
+        done = import_bundle(cache, args.path)
+        print(
+            f"imported {done.entries} entr{'y' if done.entries == 1 else 'ies'} "
+            f"({done.present} already here) and {done.records} program record(s) into {cache.root}"
+        )
+        return 0
+    models: list[str] = []
+    for model in args.model or ():
+        models.append(model)
+        if os.path.isfile(model):  # also by content, wherever the entries say it was
+            models.append(ModelSource(model).content_hash(cache))
+    made = export_bundle(cache, args.path, target=args.target, models=models)
+    for key, why in made.skipped:
+        print(f"skipped {key[:12]}: {why}", file=sys.stderr)
+    print(
+        f"exported {made.entries} entr{'y' if made.entries == 1 else 'ies'} "
+        f"({_human(made.bytes)}) and {made.records} program record(s) to {made.path}"
     )
     return 0
