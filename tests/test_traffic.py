@@ -328,6 +328,30 @@ def test_rkort_buckets_with_batch_and_sequence_says_what_it_restricts(
     assert len(out["signatures"]) == 2
 
 
+def test_dims_compiled_per_size_get_the_most_frequent_shapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "image",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "h", "w"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "image.onnx"
+    onnx.save(model, path)
+    cache = Cache(tmp_path / "cache")
+    calls = Counter({((1, 8, 8),): 5, ((1, 16, 8),): 3, ((1, 4, 4),): 1})
+    merge_counts(cache, ModelSource(str(path)).content_hash(cache), ["x"], calls)
+    args = ["buckets", str(path), "--cache-dir", str(cache.root), "--max-shapes", "2", "--json"]
+    assert rkort_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["signatures"] == [[[1, 8, 8]], [[1, 16, 8]]] and out["buckets"] == {}
+    assert out["samples"] == 8 and out["distribution"]["h"] == {"4": 1, "8": 5, "16": 3}
+    assert "compiled per observed size" in out["note"]
+
+
 # -- warmup --from-traffic, then sessions on the host and on a board ---------------------------
 
 RECORDED = {5: 3, 9: 2, 14: 1}  # length -> calls

@@ -48,9 +48,9 @@ class TrafficFit:
     #: Calls the fit covers (the rest: ``left_out``, reason -> calls).
     samples: int
     left_out: dict[str, int]
-    #: Padded symbol -> kind ("batch" or "sequence"), batch first.
+    #: Dynamic symbol -> kind ("batch", "sequence"; "exact" when the model has such dims).
     kinds: dict[str, str]
-    #: Padded symbol -> {size seen: calls}, over every call of this model's inputs.
+    #: Symbol -> {size seen: calls}, over every call of this model's inputs.
     distribution: dict[str, dict[int, int]]
     signatures: list[Signature]
     buckets: dict[str, list[int]]
@@ -121,15 +121,14 @@ def fit_traffic(model_path: str, options: RKNNOptions, cache: Cache, max_shapes:
             sizes_of[sig] = sizes
     if traffic.dropped:
         left_out["not kept (beyond the recording's bounds)"] += traffic.dropped
-    distribution = {
-        s: dict(sorted(_marginal(traffic.counts, sizes_of, s).items())) for s in symbols
-    }
+    shown = list(current.kind) if current.exact else symbols  # every dim that varies
+    distribution = {s: dict(sorted(_marginal(traffic.counts, sizes_of, s).items())) for s in shown}
     base: dict[str, Any] = dict(
         model=model_path,
         directory=traffic_dir(cache, model_hash),
         inputs=names,
         calls=traffic.calls,
-        kinds={s: current.kind[s] for s in symbols},
+        kinds={s: current.kind[s] for s in shown},
         distribution=distribution,
         current_buckets={s: list(current.buckets[s]) for s in symbols},
         current_shapes=len(current.signatures()),
