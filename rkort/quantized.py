@@ -196,7 +196,7 @@ class _Rewrite:
 
     def _dequantize(self, i: int, node: onnx.NodeProto) -> bool:
         q, scale, zp = _padded(node, 3)
-        out, twin, g = node.output[0], self.twins.get(q), self.producer.get(q, -1)
+        out, twin = node.output[0], self.twins.get(q)
         if twin is not None and twin.params == (self._key(scale), self._key(zp)):
             if out in self.pinned:
                 self._emit("Identity", [twin.value], [out], self.names[i])
@@ -212,18 +212,20 @@ class _Rewrite:
             self.consts[out] = value
             self.lowered["DequantizeLinear (weights)"] += 1
             return False
+        return not self._gather(q, scale, zp, out)
+
+    def _gather(self, q: str, scale: str, zp: str, out: str) -> bool:
+        """A quantized embedding (Gather of a quantized table) -> a Gather of the float table."""
+        g = self.producer.get(q, -1)
         gather = self.model.graph.node[g] if g >= 0 else None
         if gather is None or gather.op_type != "Gather" or gather.input[0] not in self.inits:
-            return True
-        s = self._const(scale)  # dynamic quantization's embeddings: Gather of the float table
-        table = (
-            self._weight(gather.input[0], scale, zp, 0) if s is not None and s.size == 1 else None
-        )
-        if table is None:
-            return True
-        self._emit("Gather", [table, gather.input[1]], [out], self.names[g], gather.attribute)
-        self.lowered["Gather + DequantizeLinear"] += 1
-        return False
+            return False
+        s = self._const(scale)
+        table = self._weight(gather.input[0], scale, zp, 0) if s is not None and s.size == 1 else ""
+        if table:
+            self._emit("Gather", [table, gather.input[1]], [out], self.names[g], gather.attribute)
+            self.lowered["Gather + DequantizeLinear"] += 1
+        return bool(table)
 
     def _integer(self, i: int, node: onnx.NodeProto) -> None:
         """MatMulInteger/ConvInteger(twin, weight) -> Cast(float) -> Mul(product of scales): one
@@ -268,8 +270,7 @@ class _Rewrite:
         self.lowered[node.op_type] += 1
 
     def _qlinear(self, i: int, node: onnx.NodeProto) -> bool:
-        """A QLinear op -> its float op on the operands' float values, then the Clip of its
-        output's quantization. Returns whether the node itself stays."""
+        """A QLinear op -> its float op on the float operands and the Clip of its output range."""
         op, ins = node.op_type, list(node.input)
         if op == "QLinearConcat":
             float_op, out_params, bias = "Concat", (0, 1), None
@@ -334,7 +335,8 @@ class _Rewrite:
         if twin is not None and twin.params == (self._key(scale), self._key(zp)):
             return twin.value
         out = self._fresh(_base(v) + "_dequantized")
-        self._emit("DequantizeLinear", [v, scale, zp], [out], out)
+        if not self._gather(v, scale, zp, out):
+            self._emit("DequantizeLinear", [v, scale, zp], [out], out)
         return out
 
     def _weight(self, v: str, scale: str, zp: str, axis: int) -> str | None:
@@ -489,8 +491,7 @@ def _base(name: str) -> str:
 
 
 def _channel_scale(c: np.ndarray, channels: int, conv: bool) -> np.ndarray | None:
-    """The output scale as one number or one per output channel (a Conv's axis 1, a MatMul's
-    last axis), if it is that."""
+    """The output scale as one number or one per output channel (Conv: axis 1, MatMul: last)."""
     axis = c.ndim - 3 if conv else c.ndim - 1
     if c.size == 1 or (axis >= 0 and c.shape[axis] == c.size == channels):
         return c.reshape(()) if c.size == 1 else c.reshape(-1)

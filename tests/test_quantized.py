@@ -63,8 +63,10 @@ VARIANTS = {
     "mlp-qdq": ("mlp", dict(kind="QDQ")),
     "cnn-qdq": ("cnn", dict(kind="QDQ")),
     "cnn-qdq-per-channel": ("cnn", dict(kind="QDQ", per_channel=True)),
+    "bert-qdq-per-channel": ("bert", dict(kind="QDQ", per_channel=True)),
     "mlp-qoperator": ("mlp", dict(kind="QOperator")),
     "cnn-qoperator-per-channel": ("cnn", dict(kind="QOperator", per_channel=True)),
+    "bert-qoperator": ("bert", dict(kind="QOperator")),
 }
 CLASSIFIERS = ("mlp", "cnn")
 
@@ -275,8 +277,10 @@ def test_rules_put_the_lowered_model_on_the_npu(name, built, lowered) -> None:  
     shapes = {k: v.shape for k, v in feeds(VARIANTS[name][0]).items()}
     before = placement.plan(onnx.load(str(built[name][0])), "rk3588", input_shapes=shapes)
     after = placement.plan(onnx.load(str(lowered[name][0])), "rk3588", input_shapes=shapes)
-    assert (before.npu_flop_share or 0.0) < 0.5  # what rkort did without the lowering
+    # Without the lowering: most work on the CPU, or the NPU's work cut by CPU islands.
+    assert (before.npu_flop_share or 0.0) < 0.5 or len(before.segments) > 1
     assert after.npu_flop_share is not None and after.npu_flop_share >= 0.95
+    assert len(after.segments) == 1
     quant_reasons = ("uint8", "int8", "standard ONNX domain")
     assert [
         (p.node_name, p.reason)
@@ -292,6 +296,7 @@ def test_notes_say_what_was_lowered(lowered) -> None:  # type: ignore[no-untyped
     assert "Clip" in lowered["cnn-qdq"][1] and "DequantizeLinear (weights)" in lowered["cnn-qdq"][1]
     assert "QLinearConv" in lowered["cnn-qoperator-per-channel"][1]
     assert "QLinearMatMul" in lowered["mlp-qoperator"][1]
+    assert "Gather + DequantizeLinear" in lowered["bert-qoperator"][1]
     assert all("left as they are" not in note for _, note in lowered.values())
 
 
