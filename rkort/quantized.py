@@ -181,10 +181,10 @@ class _Rewrite:
         s = self._const(scale)
         elem = int(self.inits[zp].data_type) if zp in self.inits else None
         elem = int_attr(node, "output_dtype", TensorProto.UINT8) if not zp else elem
-        if (s is not None and s.size != 1) or elem is None or elem not in _RANGES:
-            return  # per-channel activations, float8: left to the CPU
         twin, z = x, self._const(zp) if zp else np.zeros(())
-        if s is not None and z is not None and self.opset >= 11:
+        if (s is not None and s.size != 1) or elem not in _RANGES or self.opset < 11:
+            return  # per-channel activations, float8, Clip without inputs: left to the CPU
+        if s is not None and z is not None:
             (lo, hi), zf, sf = _RANGES[elem], float(z.reshape(-1)[0]), float(s.reshape(-1)[0])
             twin, bounds = self._fresh(_base(node.output[0])), []
             for side, b in (("min", lo), ("max", hi)):
