@@ -102,7 +102,7 @@ class ShapePolicy:
             self.pad_values: list[float] = [0.0] * len(inputs)
             return
         symbols = [d for dims in self.input_dims for d in dims if isinstance(d, str)]
-        self._trace_output_symbols(model.proto, set(symbols))
+        self._trace_output_symbols(model, set(symbols))
         batch = {dims[0] for dims in self.input_dims if dims and isinstance(dims[0], str)}
         sequence = {
             dims[1]
@@ -126,10 +126,17 @@ class ShapePolicy:
                 self.kind[s] = "sequence"
             else:
                 self.kind[s] = "exact"
-        seq = tuple(sorted(set(sequence_buckets or _default_sequence_buckets(model.proto))))
         bat = tuple(sorted(set(batch_buckets or DEFAULT_BATCH_BUCKETS)))
+        if sequence_buckets:
+            seq = tuple(sorted(set(sequence_buckets)))
+        else:
+            # Read from the model's position table only when asked for: a board uses the warmed
+            # shapes and never needs the graph.
+            self.buckets = _DefaultSequenceBuckets(
+                model, [s for s, k in self.kind.items() if k == "sequence"]
+            )
         for s, k in self.kind.items():
-            if k == "sequence":
+            if k == "sequence" and sequence_buckets:
                 self.buckets[s] = seq
             elif k == "batch":
                 self.buckets[s] = bat
@@ -142,12 +149,13 @@ class ShapePolicy:
             )
         self.pad_values = [given.get(n, 0.0) for n in self.input_names]
 
-    def _trace_output_symbols(self, model: onnx.ModelProto, symbols: set[str]) -> None:
-        """Fill unnamed or unknown output dims from ONNX shape inference on the symbolic model."""
+    def _trace_output_symbols(self, model: Any, symbols: set[str]) -> None:
+        """Fill unnamed or unknown output dims from ONNX shape inference on the symbolic model
+        (the graph is read only when the declared output dims do not say it all)."""
         if all(isinstance(d, int) or d in symbols for dims in self.output_dims for d in dims):
             return
         try:
-            inferred = symbolic_output_dims(model)
+            inferred = symbolic_output_dims(model.proto)
         except Exception:  # noqa: BLE001 - inference is best effort; untraced dims disable padding
             log.debug("symbolic shape inference failed", exc_info=True)
             return
@@ -356,6 +364,23 @@ class ShapePolicy:
             axis = dims.index(batch)
             joined.append(np.concatenate([p[k] for p in parts], axis=axis))
         return joined
+
+
+class _DefaultSequenceBuckets(dict):  # type: ignore[type-arg]
+    """Buckets by symbol; a sequence symbol's default buckets are read from the model on first
+    use."""
+
+    def __init__(self, model: Any, sequence_symbols: Sequence[str]) -> None:
+        super().__init__()
+        self._model = model
+        self._sequence = set(sequence_symbols)
+
+    def __missing__(self, symbol: str) -> tuple[int, ...]:
+        if symbol not in self._sequence:
+            raise KeyError(symbol)
+        value = _default_sequence_buckets(self._model.proto)
+        self[symbol] = value
+        return value
 
 
 def _is_mask(name: str) -> bool:

@@ -10,9 +10,8 @@ import os
 import shlex
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from .decision import Decision, Part
 from .errors import InvalidArgument, Unsupported, ort_error
 from .feed import cast_output, dtype_of
 from .model import ModelSource
+from .multishape import multi_shape_part, open_multi_shape  # noqa: F401  (cli.warmup reads it here)
 from .options import RKNNOptions
 from .parts import MissingBlob, PartOpener
 from .planner import Planner
@@ -62,26 +62,6 @@ def make_policy(
         pad_values=options.pad_values,
         exact_dims=options.exact_dims,
     )
-
-
-def multi_shape_part(
-    planner: Planner, signatures: Sequence[Mapping[str, Sequence[int]]]
-) -> Part | None:
-    """One NPU part holding every signature (``shape_mode=dynamic``: the toolkit's
-    ``dynamic_input``), or None when the placement keeps part of the model off the NPU for some
-    signature (then one blob per bucket runs the same placement instead)."""
-    decisions = [planner.decide(sig)[0] for sig in signatures]
-    if not all(len(d.parts) == 1 and d.parts[0].source != "segment" for d in decisions):
-        log.info(
-            "shape_mode=dynamic: part of %s runs on the CPU, so each bucket gets a blob of its own",
-            planner.source.path.name,
-        )
-        return None
-    last = decisions[-1].parts[0]
-    assert last.spec is not None
-    shapes = tuple(d.parts[0].spec.input_shapes for d in decisions)  # type: ignore[union-attr]
-    spec = replace(last.spec, dynamic_input=shapes)
-    return replace(last, spec=spec, key=planner.blob_key(spec, last.source, last.nodes))
 
 
 class RKNNEngine:
@@ -127,6 +107,8 @@ class RKNNEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._opening: dict[Signature, threading.Lock] = {}
+        #: True when the program opened at setup runs on the NPU alone (no CPU segment).
+        self.npu_only = False
         self._chunks: ThreadPoolExecutor | None = None
         self.budget = Budget(options.memory_budget or default_budget())
         self._recorder: ShapeRecorder | None = None
@@ -180,11 +162,15 @@ class RKNNEngine:
             except CpuCall as e:
                 problems.append(e.reason)
                 continue
+            program.release()
             if not program.npu_segments:
                 raise Unsupported(
                     f"no part of this model can run on the NPU for {self.options.target}: "
                     f"{'; '.join(program.decision.cpu_reasons[:5])}"
                 )
+            if all(s.device == "npu" for s in program.segments):
+                self.npu_only = True
+                self.planner.drop_model()  # the NPU holds it all: no parsed copy stays here
             return
         raise Unsupported("; ".join(dict.fromkeys(problems)))
 
@@ -199,16 +185,11 @@ class RKNNEngine:
             )
 
     def _open_multi_shape(self, signatures: list[Signature]) -> None:
-        part = multi_shape_part(self.planner, [self._named(s) for s in signatures])
-        if part is None:
-            return
-        decision = self.planner.decide(self._named(signatures[-1]))[0]
-        runner = _Shared(self.parts.open(decision, part))
-        for sig in signatures:
-            one = self.planner.decide(self._named(sig))[0]
-            shaped = _Shaped(runner, one.parts[0].spec.output_shapes)  # type: ignore[union-attr]
-            self._programs[sig] = Program(one, _Always(shaped), _no_cpu)
-        self.opened.append(part.spec.input_shapes)  # type: ignore[union-attr]
+        programs = open_multi_shape(self.planner, self.parts, [self._named(s) for s in signatures])
+        for sig, program in zip(signatures, programs):
+            self._programs[sig] = program
+        if programs:
+            self.opened.append(signatures[-1])
 
     def _named(self, signature: Signature) -> dict[str, tuple[int, ...]]:
         return dict(zip(self.input_names, signature))
@@ -302,7 +283,9 @@ class RKNNEngine:
             if decision.constant_outputs
             else {}
         )
-        return Program(decision, open_npu, lambda part: self._cpu(decision, part), constants)
+        program = Program(decision, open_npu, lambda part: self._cpu(decision, part), constants)
+        self.planner.forget(named)  # loaded: its segment files and prepared graph can go
+        return program
 
     def _remember(self, signature: Signature, program: Program) -> None:
         """Keep ``program``; retire the least recently used ones beyond ``max_live_shapes`` or
@@ -489,62 +472,6 @@ def _context_label(backend: str, mask: int | None, slot: int) -> str:
 
 def _shape_text(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in zip(names, shapes))
-
-
-class _Shared(Runner):
-    """One multi-shape blob's runner shared by every signature; closed once, by the engine."""
-
-    def __init__(self, inner: Runner) -> None:
-        super().__init__(inner.spec)
-        self.name = inner.name
-        self._inner = inner
-
-    def run(
-        self, inputs: Sequence[np.ndarray], output_shapes: Sequence[tuple[int, ...]] | None = None
-    ) -> list[np.ndarray]:
-        return self._inner.run(inputs, output_shapes)
-
-    def _run(self, inputs: list[np.ndarray]) -> Sequence[Any]:
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        self._inner.close()
-
-
-class _Shaped(Runner):
-    """The shared multi-shape runner seen by one signature: its outputs take that signature's
-    shapes; closing it leaves the shared runner open."""
-
-    def __init__(self, shared: _Shared, output_shapes: tuple[tuple[int, ...], ...]) -> None:
-        super().__init__(shared.spec)
-        self.name = shared.name
-        self._shared = shared
-        self._shapes = output_shapes
-
-    def run(
-        self, inputs: Sequence[np.ndarray], output_shapes: Sequence[tuple[int, ...]] | None = None
-    ) -> list[np.ndarray]:
-        return self._shared.run(inputs, output_shapes or self._shapes)
-
-    def _run(self, inputs: list[np.ndarray]) -> Sequence[Any]:
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        pass
-
-
-class _Always:
-    """An ``open_npu`` that gives every part the same runner."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    def __call__(self, part: Part) -> Runner:
-        return self.runner
-
-
-def _no_cpu(part: Part) -> tuple[Any, Path]:
-    raise AssertionError("a multi-shape program has no CPU part")
 
 
 def _tensor_dtype(arg: Any) -> np.dtype:

@@ -51,6 +51,10 @@ class ModelSource:
             return cache.bytes_hash(self._bytes)
         return cache.hashes.model_hash(self.path, lambda: self.external_files)
 
+    def drop_graph(self) -> None:
+        """Let go of the parsed graph (parsed again when next asked for)."""
+        self.__dict__.pop("proto", None)
+
     @property
     def from_bytes(self) -> bool:
         """True for a model given as bytes (its file is a private temporary copy)."""

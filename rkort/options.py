@@ -56,7 +56,7 @@ KNOWN = {
     "shape_mode": "buckets (default): one blob per bucket shape; dynamic: one multi-shape blob holding every bucket",
     "cpu_ops": "op types to run on the CPU, comma-separated (e.g. Softmax,Gather)",
     "cpu_nodes": "node names to run on the CPU, comma-separated",
-    "max_live_shapes": "compiled shapes kept open at once (default 4; the least recently used is closed)",
+    "max_live_shapes": "compiled shapes kept open at once (default 16, within memory_budget; the least recently used is closed)",
     "record_shapes": "1: record the input shapes this model sees (shapes only, never data) for `rkort buckets` (default 0)",
     "remote_cache": "an fsspec URL (s3://bucket/prefix, gs://..., file:///..., https://...) to fetch blobs from on a local miss (default: $RKORT_REMOTE_CACHE)",
     "remote_write": "1: publish blobs built here to the remote cache (default 0)",
@@ -117,7 +117,7 @@ class RKNNOptions:
     exact_dims: tuple[str, ...] = ()
     oversize_to_cpu: bool = False
     shape_mode: str = "buckets"
-    max_live_shapes: int = 4
+    max_live_shapes: int = 16
     contexts: int | None = None
     memory_budget: int | None = None
     record_shapes: bool = False
@@ -200,7 +200,7 @@ class RKNNOptions:
         if shape_mode not in ("buckets", "dynamic"):
             raise _bad("shape_mode", raw["shape_mode"], "expected buckets or dynamic")
         try:
-            live = int(raw.get("max_live_shapes", "4"))
+            live = int(raw.get("max_live_shapes", "16"))
         except ValueError:
             live = 0
         if live < 1:

@@ -12,7 +12,6 @@ board without the converter finds the same program and the same blobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -28,16 +27,19 @@ import onnx
 from . import placement
 from .cache import Cache, make_key
 from .decision import Decision, Part, from_record, to_record
+from .face import record_face
 from .files import owned_tempdir
 from .graph import lower_opset, node_names, prepare
 from .model import ModelSource
 from .options import RKNNOptions
+from .partspec import NotStatic, blob_key, segment_spec, whole_spec
 from .platform import toolkit_version
+from .quantized import dequantize
 from .rules import CPU, NPU, NodePlacement, constant_nodes
-from .segment_files import SEGMENT_FORMAT, SegmentFiles, lowered_path, np_dtype, segment_path
+from .segment_files import SegmentFiles, lowered_path, segment_path
 from .segments import Segment
-from .shapes import Signature, declared_types, probe_output_shapes, signature_of, static_shape
-from .spec import BuildFailed, BuildSpec, CompileError, dataset_digest
+from .shapes import Signature, signature_of
+from .spec import BuildSpec, CompileError, dataset_digest
 from .trials import Blame, rejects_graph
 
 log = logging.getLogger("rkort")
@@ -139,7 +141,13 @@ class Planner:
 
     @cached_property
     def _lowered(self) -> tuple[onnx.ModelProto, str | None]:
-        return lower_opset(self.source.proto)
+        """The model as the converter can take it: at opset 19, and a model quantized for
+        onnxruntime lowered to float (:mod:`rkort.quantized`); the note says what was done."""
+        lowered, note = lower_opset(self.source.proto)
+        base = None if self.source.from_bytes else self.source.path.parent
+        lowered, quant_note = dequantize(lowered, base_dir=base)
+        notes = [n for n in (note, quant_note) if n]
+        return lowered, "; ".join(notes) if notes else None
 
     def files(self, signature: Signature) -> SegmentFiles:
         """The segment files of one signature (the graph prepared for it, memoized)."""
@@ -160,8 +168,19 @@ class Planner:
         return found
 
     def forget(self, signature: Mapping[str, Sequence[int]]) -> None:
-        """Drop the prepared graph of a signature no program uses any more."""
-        self._files.pop(tuple(sorted((n, tuple(s)) for n, s in signature.items())), None)
+        """Drop the prepared graph of a signature, and remove the segment files written for it
+        (its programs have loaded them; a context opened later writes them again)."""
+        files = self._files.pop(tuple(sorted((n, tuple(s)) for n, s in signature.items())), None)
+        if files is not None:
+            files.remove()
+
+    def drop_model(self) -> None:
+        """Let go of the parsed model and everything planned from it (read again on need)."""
+        for files in self._files.values():
+            files.remove()
+        self._files.clear()
+        self.__dict__.pop("_lowered", None)
+        self.source.drop_graph()
 
     # -- decisions --
 
@@ -233,7 +252,7 @@ class Planner:
                 failure: tuple[Segment, CompileError] | None = None
                 try:
                     parts = self._parts(plan, sig, files)
-                except _NotStatic as e:
+                except NotStatic as e:
                     parts, failure = (), (e.segment, e.error)
                 if failure is None and build is not None:
                     failure = self._build_parts(parts, files, build, handles, state)
@@ -268,6 +287,7 @@ class Planner:
             self.cache.records.put(
                 self.model_hash, self.record_key(sig), to_record(decision, self.config_digest)
             )
+            record_face(self.cache, self.model_hash, self.source.proto)
         return decision, handles
 
     def ensure_file(self, decision: Decision, part: Part) -> None:
@@ -344,76 +364,19 @@ class Planner:
         return tuple(parts)
 
     def _whole_part(self, seg: Segment, sig: Signature, files: SegmentFiles) -> Part:
-        proto = self.source.proto
-        declared = declared_types(proto)
-        names = tuple(sig)
-        outputs = tuple(o.name for o in proto.graph.output)
-        output_shapes = [static_shape(files.types, n) for n in outputs]
-        if any(s is None for s in output_shapes):
-            feed = {n: (sig[n], np_dtype(declared[n])) for n in names}
-            probed = probe_output_shapes(self.source.onnxruntime_source(), feed)
-            output_shapes = [s or p for s, p in zip(output_shapes, probed)]
-        lowered = self._lowered[0] is not proto
+        lowered = self._lowered[0] is not self.source.proto
         source = "lowered" if lowered else "model"
         path = files.lowered_path() if lowered else self.source.path
-        spec = BuildSpec(
-            model_path=str(path),
-            input_names=names,
-            input_shapes=tuple(sig[n] for n in names),
-            input_dtypes=tuple(np_dtype(declared[n]).name for n in names),
-            output_names=outputs,
-            output_shapes=tuple(s for s in output_shapes if s is not None),
-            output_dtypes=tuple(np_dtype(declared[n]).name for n in outputs),
-            **self.build_config,
-        )
-        whole = Segment(seg.index, NPU, seg.nodes, names, outputs)
+        spec = whole_spec(self.source, sig, files, path, self.build_config)
+        whole = Segment(seg.index, NPU, seg.nodes, spec.input_names, spec.output_names)
         return Part(whole, spec, self.blob_key(spec, source, seg.nodes), source)
 
     def _segment_spec(self, seg: Segment, files: SegmentFiles) -> BuildSpec:
-        def static(name: str) -> tuple[int, ...]:
-            shape = static_shape(files.types, name)
-            if shape is None:
-                raise _NotStatic(
-                    seg,
-                    BuildFailed(
-                        f"the shape of '{name}' cannot be inferred statically for the input "
-                        f"shapes {files.signature}",
-                        stage="planning",
-                    ),
-                )
-            return shape
-
-        def dtype(name: str) -> str:
-            t = files.types.get(name)
-            if t is None or t.kind != "tensor" or not t.elem_type:
-                raise _NotStatic(
-                    seg, BuildFailed(f"the type of '{name}' cannot be inferred", stage="planning")
-                )
-            return np_dtype(t).name
-
-        return BuildSpec(
-            model_path=str(files.path(seg)),
-            input_names=seg.inputs,
-            input_shapes=tuple(static(n) for n in seg.inputs),
-            input_dtypes=tuple(dtype(n) for n in seg.inputs),
-            output_names=seg.outputs,
-            output_shapes=tuple(static(n) for n in seg.outputs),
-            output_dtypes=tuple(dtype(n) for n in seg.outputs),
-            **self.build_config,
-        )
+        return segment_spec(seg, files, self.build_config)
 
     def blob_key(self, spec: BuildSpec, source: str, nodes: Sequence[str]) -> str:
-        """The cache key of a blob: the model's content, the spec, and for anything but the model
-        file itself what cut it (rkort's segment format, onnx's version, the nodes)."""
-        parts: dict[str, Any] = {"model": self.model_hash, **spec.key_parts()}
-        if source != "model":
-            parts["segment"] = {
-                "source": source,
-                "format": SEGMENT_FORMAT,
-                "onnx": onnx.__version__,
-                "nodes": hashlib.sha256("\n".join(nodes).encode()).hexdigest(),
-            }
-        return make_key(parts)
+        """The cache key of a blob (see :func:`rkort.partspec.blob_key`)."""
+        return blob_key(self.model_hash, spec, source, nodes)
 
     def _build_parts(
         self,
@@ -447,7 +410,7 @@ class Planner:
         files.write(seg)
         try:
             spec = self._segment_spec(seg, files)
-        except _NotStatic:
+        except NotStatic:
             return True
         state.count += 1
         try:
@@ -466,14 +429,6 @@ class _Trials:
 
     def left(self) -> bool:
         return self.count < self.limit
-
-
-class _NotStatic(Exception):
-    """An NPU segment whose shapes cannot be known before the run (a planning failure)."""
-
-    def __init__(self, segment: Segment, error: BuildFailed) -> None:
-        super().__init__(str(error))
-        self.segment, self.error = segment, error
 
 
 def _compile_trial(spec: BuildSpec) -> None:

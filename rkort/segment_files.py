@@ -74,6 +74,7 @@ class SegmentFiles:
         self.directory = Path(directory)
         self._index = dict(zip(node_names(prepared.graph), prepared.graph.node))
         self._linked: set[str] = set()
+        self._written: set[Path] = set()
 
     def path(self, seg: Segment) -> Path:
         """Where the file of ``seg`` is (or will be) written."""
@@ -90,6 +91,7 @@ class SegmentFiles:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._link_external(self.original.graph.initializer)
             _save(self.original, path)
+            self._written.add(path)
         return path
 
     def write(self, seg: Segment) -> Path:
@@ -136,7 +138,18 @@ class SegmentFiles:
         used = {(n.domain, n.op_type) for n in nodes}
         model.functions.extend(f for f in self.prepared.functions if (f.domain, f.name) in used)
         _save(model, path, sum(len(t.raw_data) for t in initializers) > _EMBEDDED_LIMIT)
+        self._written.add(path)
         return path
+
+    def remove(self) -> None:
+        """Remove the segment files written here (their weights beside them included)."""
+        for path in self._written:
+            for done in (path, path.with_name(f"{path.stem}.data")):
+                try:
+                    done.unlink()
+                except OSError:
+                    pass
+        self._written.clear()
 
     def constants(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """The values of initializers among ``names`` (graph outputs no node makes)."""

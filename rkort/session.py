@@ -19,11 +19,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as _ort
+from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession as _OrtSession
 
 from .backends.base import RunnerDied
+from .cache import Cache
 from .engine import CpuCall, RKNNEngine
 from .errors import EPFail, Unsupported, ort_error
+from .face import recorded_face
 from .feed import dtype_of, output_indices, prepare
+from .iobinding import IOBinding
 from .model import ModelSource
 from .options import ALIASES, PROVIDER, RKNNOptions
 from .profiling import Profiler
@@ -97,7 +101,7 @@ def split_providers(
     return rknn, rest, (rest_options if provider_options is not None else None)
 
 
-class InferenceSession(_ort.InferenceSession):
+class InferenceSession(_OrtSession):
     """onnxruntime's InferenceSession, able to run the model on a Rockchip NPU.
 
     ``providers=["RKNNExecutionProvider", "CPUExecutionProvider"]`` (or ``"RKNN"``) compiles the
@@ -107,6 +111,11 @@ class InferenceSession(_ort.InferenceSession):
     """
 
     _rknn: RKNNEngine | None = None
+    # onnxruntime's own attributes this class reads and sets.
+    _model_path: Any
+    _model_bytes: Any
+    _providers: list[str]
+    _provider_options: dict[str, Any]
 
     def __init__(
         self,
@@ -122,7 +131,9 @@ class InferenceSession(_ort.InferenceSession):
         self._source: ModelSource | None = None
         name = os.path.basename(os.fspath(path_or_bytes)) if _is_path(path_or_bytes) else "<bytes>"
         self._stats = SessionStats(name)
-        self._failing = threading.Lock()
+        self._failing = threading.RLock()
+        self._whole = True
+        self._name = name
         self._async: ThreadPoolExecutor | None = None
         #: Why calls run on the CPU while no RKNN engine runs this session.
         self._cpu_reason = f"{PROVIDER} was not asked for"
@@ -141,11 +152,62 @@ class InferenceSession(_ort.InferenceSession):
             )
         rknn_options, rest, rest_options = split_providers(providers, provider_options)
         options = RKNNOptions.parse(rknn_options) if rknn_options is not None else None
-        super()._create_inference_session(rest, rest_options, disabled_optimizers)
+        self._cpu_args = (rest, rest_options, disabled_optimizers)
+        face = self._recorded_face(options) if options is not None else None
+        if face is None:
+            super()._create_inference_session(rest, rest_options, disabled_optimizers)
+        else:
+            self._open_on_face(face)
+        self._whole = face is None
         self._cpu_reason = f"{PROVIDER} was not asked for"
         if options is not None:
             self._start_rknn(options)
+        if self._rknn is None:
+            self._load_whole()  # every call runs on the CPU
         self._stats.providers = self.get_providers()
+
+    def _recorded_face(self, options: RKNNOptions) -> bytes | None:
+        """The model's face the cache recorded (see :mod:`rkort.face`): with it, the session
+        opens without loading the whole model into onnxruntime."""
+        try:
+            if self._source is None:
+                self._source = ModelSource(
+                    self._model_path if self._model_path is not None else self._model_bytes
+                )
+            cache = Cache(options.cache_dir, remote=options.remote_cache)
+            return recorded_face(cache, self._source.content_hash(cache))
+        except Exception:  # noqa: BLE001 - no face: onnxruntime loads the model, and says what is wrong
+            return None
+
+    def _open_on_face(self, face: bytes) -> None:
+        path, data = self._model_path, self._model_bytes
+        self._model_path, self._model_bytes = None, face
+        try:
+            super()._create_inference_session(*self._cpu_args)
+        finally:
+            self._model_path, self._model_bytes = path, data
+
+    def _settle(self, engine: RKNNEngine) -> None:
+        """The NPU runs the whole model: keep onnxruntime on the model's face only (the whole
+        model is loaded again if a call ever needs the CPU)."""
+        assert self._source is not None
+        face = recorded_face(engine.cache, engine.planner.model_hash)
+        if face is None:
+            return
+        self._open_on_face(face)
+        self._whole = False
+
+    def _load_whole(self) -> None:
+        """Load the whole model into onnxruntime (once), for a call that runs on the CPU."""
+        with self._failing:
+            if self._whole:
+                return
+            providers, options = self._providers, self._provider_options
+            _OrtSession._create_inference_session(self, *self._cpu_args)
+            if self._rknn is not None:
+                self._providers, self._provider_options = providers, options
+            self._whole = True
+        log.info("%s: the whole model is loaded into onnxruntime for calls on the CPU", self._name)
 
     def _start_rknn(self, options: RKNNOptions) -> None:
         if self._source is None:
@@ -177,6 +239,8 @@ class InferenceSession(_ort.InferenceSession):
             return
         self._rknn = engine
         self._rknn_options = dict(options.raw)
+        if engine.npu_only and self._whole:
+            self._settle(engine)
         if self.get_session_options().enable_profiling:
             self._profiler = Profiler(self.get_profiling_start_time_ns())
         self._providers = [PROVIDER, *self.get_providers()]
@@ -209,6 +273,7 @@ class InferenceSession(_ort.InferenceSession):
         if arrays is None or picks is None:
             # onnxruntime's own session raises its own error for this feed (or, when it takes
             # it after all, computes what onnxruntime would).
+            self._load_whole()
             outs = self._sess.run(
                 output_names or list(engine.output_names), input_feed, run_options
             )
@@ -232,6 +297,7 @@ class InferenceSession(_ort.InferenceSession):
         else:
             self._stats.npu()
             return _pick(result, picks)
+        self._load_whole()
         outs = self._sess.run(output_names or list(engine.output_names), input_feed, run_options)
         self._stats.cpu(reason)
         return outs
@@ -303,6 +369,7 @@ class InferenceSession(_ort.InferenceSession):
         feed = {}
         for name, value in input_dict_ort_values.items():
             if not isinstance(value, _ort.OrtValue) or not value.is_tensor():
+                self._load_whole()
                 outs = super().run_with_ort_values(output_names, input_dict_ort_values, run_options)
                 self._stats.cpu("OrtValues that are not CPU tensors: onnxruntime runs them")
                 return outs
@@ -317,6 +384,9 @@ class InferenceSession(_ort.InferenceSession):
     def run_with_iobinding(self, iobinding, run_options=None):  # type: ignore[no-untyped-def]
         """Run with bound inputs/outputs; on RKNN when the inputs were bound from CPU arrays."""
         if self._rknn is None or not isinstance(iobinding, IOBinding) or iobinding._opaque:
+            self._load_whole()
+            if isinstance(iobinding, IOBinding):
+                iobinding.rebind(self)
             result = super().run_with_iobinding(iobinding, run_options)
             self._stats.cpu(
                 self._cpu_reason
@@ -373,75 +443,6 @@ def _status_text(error: BaseException) -> str:
 
 def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
-
-
-class IOBinding(_ort.IOBinding):
-    """onnxruntime's IOBinding, remembering CPU inputs so a run on RKNN can use them."""
-
-    def __init__(self, session: _ort.InferenceSession) -> None:
-        super().__init__(session)
-        self._inputs: dict[str, np.ndarray] = {}
-        self._outputs: dict[str, _ort.OrtValue | None] = {}
-        self._opaque = False
-        self._results: list[_ort.OrtValue] | None = None
-
-    def bind_cpu_input(self, name, arr_on_cpu):  # type: ignore[no-untyped-def]
-        super().bind_cpu_input(name, arr_on_cpu)
-        self._inputs[name] = arr_on_cpu
-
-    def bind_ortvalue_input(self, name, ortvalue):  # type: ignore[no-untyped-def]
-        super().bind_ortvalue_input(name, ortvalue)
-        if ortvalue.device_name().lower() == "cpu" and ortvalue.is_tensor():
-            self._inputs[name] = ortvalue.numpy()
-        else:
-            self._opaque = True
-
-    def bind_input(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        super().bind_input(*args, **kwargs)
-        self._opaque = True
-
-    def bind_output(
-        self, name, device_type="cpu", device_id=0, element_type=None, shape=None, buffer_ptr=None
-    ):  # type: ignore[no-untyped-def]
-        super().bind_output(name, device_type, device_id, element_type, shape, buffer_ptr)
-        if buffer_ptr is not None or str(device_type).lower() != "cpu":
-            self._opaque = True
-        self._outputs[name] = None
-
-    def bind_ortvalue_output(self, name, ortvalue):  # type: ignore[no-untyped-def]
-        super().bind_ortvalue_output(name, ortvalue)
-        self._outputs[name] = ortvalue
-
-    def clear_binding_inputs(self):  # type: ignore[no-untyped-def]
-        super().clear_binding_inputs()
-        self._inputs.clear()
-        self._opaque = False
-
-    def clear_binding_outputs(self):  # type: ignore[no-untyped-def]
-        super().clear_binding_outputs()
-        self._outputs.clear()
-        self._results = None
-
-    def _set_results(self, names: list[str], outs: list[np.ndarray]) -> None:
-        results = []
-        for name, out in zip(names, outs):
-            bound = self._outputs.get(name)
-            if bound is not None:
-                bound.update_inplace(out)
-                results.append(bound)
-            else:
-                results.append(_ort.OrtValue.ortvalue_from_numpy(out))
-        self._results = results
-
-    def get_outputs(self):  # type: ignore[no-untyped-def]
-        if self._results is not None:
-            return list(self._results)
-        return super().get_outputs()
-
-    def copy_outputs_to_cpu(self):  # type: ignore[no-untyped-def]
-        if self._results is not None:
-            return [r.numpy() for r in self._results]
-        return super().copy_outputs_to_cpu()
 
 
 def _pick(outs: list[np.ndarray], picks: list[int]) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ from ..files import (
     read_json,
     remove_tree,
     sha256_fd,
+    write_atomic,
     write_new,
 )
 
@@ -205,13 +206,14 @@ def inspect_entry(
             return None, Problem(
                 False, f"the blob is {blob_st.st_size} bytes, {meta['size']} were recorded"
             )
-        if verify:
+        if verify and not _verified_before(entry_dir, blob_st, meta["sha256"]):
             try:
                 digest = sha256_fd(fd)
             except OSError as exc:
                 return None, Problem(False, f"the blob cannot be read ({exc})")
             if digest != meta["sha256"]:
                 return None, Problem(False, "the blob's sha256 does not match meta.json")
+            _remember_verified(entry_dir, blob_st, digest)
     finally:
         os.close(fd)
 
@@ -331,3 +333,34 @@ def prune_order(
             chosen.append(entry)
             total -= entry.size
     return chosen
+
+
+#: The blob's stat when its sha256 last matched: an unchanged file is not read again.
+VERIFIED = "verified"
+_RACY_S = 2.0
+
+
+def _blob_stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev]
+
+
+def _verified_before(entry_dir: Path, st: os.stat_result, digest: str) -> bool:
+    memo = read_json(entry_dir / VERIFIED)
+    return (
+        isinstance(memo, dict)
+        and memo.get("stamp") == _blob_stamp(st)
+        and memo.get("sha256") == digest
+    )
+
+
+def _remember_verified(entry_dir: Path, st: os.stat_result, digest: str) -> None:
+    # A file changed within a timestamp tick of now could change again unseen ("racily
+    # clean", as git and ccache say): such a blob is hashed again next time.
+    if time.time() - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 < _RACY_S:
+        return
+    try:
+        write_atomic(
+            entry_dir / VERIFIED, json.dumps({"stamp": _blob_stamp(st), "sha256": digest}).encode()
+        )
+    except OSError:
+        pass  # a read-only cache: the blob is hashed on every use, which is only slower

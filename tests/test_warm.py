@@ -1,0 +1,168 @@
+"""Memory and warm start: a model the NPU runs whole keeps no onnxruntime session of the whole
+model and no parsed graph; a session on a warmed cache opens without parsing the ONNX file or
+re-hashing blobs it verified before; segment files go once loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import rkort
+from rkort.capi.onnxruntime_pybind11_state import InvalidArgument
+from rkort.model import ModelSource
+from tests import models
+from tests.conftest import RKNN, needs_rknn
+from tests.rehearsal import rehearse_in_process
+
+pytestmark = needs_rknn
+
+
+def _session(path: Path, cache: Path, **options: str) -> rkort.InferenceSession:
+    return rkort.InferenceSession(
+        path, providers=[(RKNN, {"cache_dir": str(cache), **options}), "CPUExecutionProvider"]
+    )
+
+
+def _same_face(a: ort.InferenceSession, b: ort.InferenceSession) -> None:
+    for x, y in zip(
+        a.get_inputs() + a.get_outputs() + a.get_overridable_initializers(),
+        b.get_inputs() + b.get_outputs() + b.get_overridable_initializers(),
+    ):
+        assert (x.name, x.type, x.shape) == (y.name, y.type, y.shape)
+    ma, mb = a.get_modelmeta(), b.get_modelmeta()
+    for field in (
+        "custom_metadata_map",
+        "description",
+        "domain",
+        "graph_name",
+        "producer_name",
+        "version",
+    ):
+        assert getattr(ma, field) == getattr(mb, field), field
+
+
+def test_a_model_on_the_npu_keeps_only_its_face(tmp_path: Path) -> None:
+    m = models.mlp(tmp_path)
+    ref = ort.InferenceSession(str(m.path))
+    for _ in range(2):  # the first session records the face, the second opens on it
+        sess = _session(m.path, tmp_path / "cache")
+        assert sess.get_providers() == [RKNN, "CPUExecutionProvider"]
+        assert not sess._whole  # onnxruntime holds the face, not the model
+        assert "proto" not in sess._source.__dict__  # nor is the graph kept parsed
+        _same_face(sess, ref)
+    feed = dict(zip(m.input_names, m.make_feed(0)))
+    np.testing.assert_allclose(sess.run(None, feed)[0], ref.run(None, feed)[0], atol=1e-2)
+    # onnxruntime's own errors, from the face.
+    with pytest.raises(InvalidArgument, match="Unexpected input data type"):
+        sess.run(None, {"x": feed["x"].astype(np.float64)})
+    with pytest.raises(ValueError, match="Required inputs"):
+        sess.run(None, {})
+    # A call that must run on the CPU loads the whole model, once.
+    huge = {"x": np.full_like(feed["x"], 1e6)}
+    np.testing.assert_array_equal(sess.run(None, huge)[0], ref.run(None, huge)[0])
+    assert sess._whole
+    assert rkort.session_stats(sess)["cpu_calls"] == 1
+
+
+def test_io_binding_made_on_the_face_works_after_the_model_loads(tmp_path: Path) -> None:
+    m = models.mlp(tmp_path)
+    _session(m.path, tmp_path / "cache")
+    sess = _session(m.path, tmp_path / "cache")
+    assert not sess._whole
+    x = m.make_feed(0)[0]
+    binding = sess.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_output("y")
+    sess.run_with_iobinding(binding)
+    want = ort.InferenceSession(str(m.path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], want, atol=1e-2)
+    # A binding onnxruntime itself must run (an output bound to a buffer of its own).
+    out = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(want))
+    opaque = sess.io_binding()
+    opaque.bind_cpu_input("x", x)
+    opaque.bind_output("y", "cpu", 0, np.float32, list(want.shape), out.data_ptr())
+    sess.run_with_iobinding(opaque)
+    assert sess._whole
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-5)
+
+
+def test_a_warm_board_open_never_parses_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = models.mlp(tmp_path)
+    with rehearse_in_process("rk3588", tmp_path):
+        _session(m.path, tmp_path / "cache").run(None, dict(zip(m.input_names, m.make_feed(0))))
+
+        # Now the graph must not be read: the cache has the face, the record and the blob.
+        def refuse(self: ModelSource) -> None:
+            raise AssertionError("the warmed session parsed the ONNX file")
+
+        monkeypatch.setattr(ModelSource, "proto", property(refuse))
+        monkeypatch.setattr(
+            ort.InferenceSession,
+            "_create_inference_session",
+            _only_small(ort.InferenceSession._create_inference_session),
+        )
+        sess = _session(m.path, tmp_path / "cache")
+        feed = dict(zip(m.input_names, m.make_feed(1)))
+        out = sess.run(None, feed)[0]
+        assert rkort.session_stats(sess)["blobs_loaded"] == 1
+    monkeypatch.undo()
+    np.testing.assert_allclose(out, ort.InferenceSession(str(m.path)).run(None, feed)[0], atol=1e-2)
+
+
+def _only_small(create):  # type: ignore[no-untyped-def]
+    """onnxruntime may load a face (a few hundred bytes), never a model file."""
+
+    def guarded(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assert self._model_path is None and len(self._model_bytes) < 10_000, "loaded the model"
+        return create(self, *args, **kwargs)
+
+    return guarded
+
+
+def test_a_verified_blob_is_not_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rkort import files
+    from rkort.cache import Cache
+
+    m = models.mlp(tmp_path)
+    with rehearse_in_process("rk3588", tmp_path):
+        _session(m.path, tmp_path / "cache")
+        (entry,) = Cache(tmp_path / "cache").entries()
+        # Blobs changed within the last 2 s are hashed again (their stat could hide a change);
+        # this one was just written.
+        monkeypatch.setattr("rkort.cache.entry._RACY_S", 0.0)
+        reads: list[int] = []
+        real = files.sha256_fd
+
+        def counting(fd: int) -> str:
+            reads.append(fd)
+            return real(fd)
+
+        monkeypatch.setattr("rkort.cache.entry.sha256_fd", counting)
+        for _ in range(3):
+            _session(m.path, tmp_path / "cache")
+        assert len(reads) == 1  # verified once, then known by its file identity
+        with open(entry.blob_path, "r+b") as f:  # a changed blob is hashed (and refused) again
+            f.seek(100)
+            f.write(b"\x00\x01")
+        sess = _session(m.path, tmp_path / "cache")
+        assert len(reads) > 1  # the changed blob was read, refused, and rebuilt
+        assert rkort.session_stats(sess)["compiles"] == 1
+
+
+def test_segment_files_go_once_loaded(tmp_path: Path) -> None:
+    m = models.cpu_islands(tmp_path)
+    sess = _session(m.path, tmp_path / "cache")
+    assert sess.get_providers()[0] == RKNN
+    directory = sess._rknn.planner._directory
+    assert directory is not None and list(directory.glob("*.onnx")) == []
+    feed = dict(zip(m.input_names, m.make_feed(0)))
+    want = ort.InferenceSession(str(m.path)).run(None, feed)
+    for got, w in zip(sess.run(None, feed), want):
+        np.testing.assert_allclose(got, w, atol=2e-2)
