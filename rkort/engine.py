@@ -22,6 +22,7 @@ from .backends.base import Runner, RunnerClosed, RunnerDied, RunnerError
 from .backends.pool import Budget, ContextPool
 from .buckets import NotWarmed, Oversize, ShapePolicy
 from .cache import Cache
+from .calibration import InputRecorder
 from .decision import Decision, Part
 from .errors import InvalidArgument, Unsupported, ort_error
 from .feed import cast_output, dtype_of
@@ -115,6 +116,11 @@ class RKNNEngine:
         if options.record_shapes:
             self._recorder = ShapeRecorder(self.cache, self.planner.model_hash, self.input_names)
             atexit.register(self._recorder.flush)
+        self._feeds: InputRecorder | None = None
+        if options.record_inputs:
+            self._feeds = InputRecorder(
+                self.cache, self.planner.model_hash, self.input_names, options.record_inputs
+            )
         try:
             self._open_first()
         except BaseException:
@@ -375,6 +381,8 @@ class RKNNEngine:
         should answer this call instead (and why)."""
         if self._recorder is not None:
             self._recorder.record(arrays)
+        if self._feeds is not None:
+            self._feeds.record(arrays)
         try:
             plan = self.policy.plan(arrays)
         except Oversize as e:

@@ -57,6 +57,13 @@ KNOWN = {
     "cpu_ops": "op types to run on the CPU, comma-separated (e.g. Softmax,Gather)",
     "cpu_nodes": "node names to run on the CPU, comma-separated",
     "max_live_shapes": "compiled shapes kept open at once (default 16, within memory_budget; the least recently used is closed)",
+    "calibration": "calibration data for a quantized dtype: a folder of .npz files (one feed each, input name -> array, any valid shape), or 'recorded' (the feeds record_inputs kept)",
+    "calibration_text": "calibration data for a tokenizer model: a text file, one sample a line (with 'tokenizer')",
+    "tokenizer": "the tokenizer folder (Hugging Face) that turns calibration_text into feeds",
+    "record_inputs": "N: keep the first N feeds of this model in the cache (private) for calibration=recorded (default 0)",
+    "quant_algorithm": "rknn-toolkit2's quantized_algorithm: normal (default), mmse, kl_divergence",
+    "quant_method": "rknn-toolkit2's quantized_method: channel (default), layer",
+    "min_cosine": "a quantized build whose outputs are less similar than this to onnxruntime's (cosine) falls back to hybrid, then fp16 (default 0.99)",
     "record_shapes": "1: record the input shapes this model sees (shapes only, never data) for `rkort buckets` (default 0)",
     "remote_cache": "an fsspec URL (s3://bucket/prefix, gs://..., file:///..., https://...) to fetch blobs from on a local miss (default: $RKORT_REMOTE_CACHE)",
     "remote_write": "1: publish blobs built here to the remote cache (default 0)",
@@ -120,6 +127,13 @@ class RKNNOptions:
     max_live_shapes: int = 16
     contexts: int | None = None
     memory_budget: int | None = None
+    calibration: str | None = None
+    calibration_text: str | None = None
+    tokenizer: str | None = None
+    record_inputs: int = 0
+    quant_algorithm: str = "normal"
+    quant_method: str = "channel"
+    min_cosine: float = 0.99
     record_shapes: bool = False
     remote_cache: str | None = None
     remote_write: bool = False
@@ -145,12 +159,40 @@ class RKNNOptions:
             raise _bad("dtype", raw["dtype"], f"expected one of {sorted(_DTYPES)}")
         quantized = _DTYPES[dtype]
         dataset = raw.get("dataset") or None
-        if quantized and not dataset:
+        calibration = raw.get("calibration") or None
+        calibration_text = raw.get("calibration_text") or None
+        tokenizer = raw.get("tokenizer") or None
+        if quantized and not (dataset or calibration or calibration_text):
             raise _bad(
-                "dtype", raw["dtype"], "a quantized build needs a calibration 'dataset' option"
+                "dtype",
+                raw["dtype"],
+                "a quantized build needs calibration data: 'calibration', 'calibration_text' "
+                "(with 'tokenizer') or the toolkit's 'dataset' file",
             )
         if dataset and not os.path.isfile(dataset):
             raise _bad("dataset", dataset, "no such file")
+        if calibration and calibration != "recorded" and not os.path.isdir(calibration):
+            raise _bad("calibration", calibration, "expected a folder of .npz files or 'recorded'")
+        if calibration_text and not os.path.isfile(calibration_text):
+            raise _bad("calibration_text", calibration_text, "no such file")
+        if calibration_text and not tokenizer:
+            raise _bad("calibration_text", calibration_text, "it needs the 'tokenizer' option too")
+        if tokenizer and not os.path.isdir(tokenizer):
+            raise _bad("tokenizer", tokenizer, "expected a tokenizer folder")
+        algorithm = raw.get("quant_algorithm", "normal").strip().lower()
+        if algorithm not in ("normal", "mmse", "kl_divergence"):
+            raise _bad(
+                "quant_algorithm", raw["quant_algorithm"], "expected normal, mmse or kl_divergence"
+            )
+        method = raw.get("quant_method", "channel").strip().lower()
+        if method not in ("channel", "layer"):
+            raise _bad("quant_method", raw["quant_method"], "expected channel or layer")
+        try:
+            min_cosine = float(raw.get("min_cosine", "0.99"))
+        except ValueError:
+            min_cosine = -1.0
+        if not 0.0 <= min_cosine <= 1.0:
+            raise _bad("min_cosine", raw["min_cosine"], "expected a number from 0 to 1")
         core_mask = 0
         if "core_mask" in raw:
             cm = raw["core_mask"].strip().lower()
@@ -219,6 +261,15 @@ class RKNNOptions:
             memory_budget=_size("memory_budget", raw["memory_budget"])
             if "memory_budget" in raw
             else None,
+            calibration=calibration,
+            calibration_text=calibration_text,
+            tokenizer=tokenizer,
+            record_inputs=_count("record_inputs", raw["record_inputs"]) or 0
+            if "record_inputs" in raw and raw["record_inputs"].strip() not in ("0", "")
+            else 0,
+            quant_algorithm=algorithm,
+            quant_method=method,
+            min_cosine=min_cosine,
             record_shapes=_flag("record_shapes", raw["record_shapes"])
             if "record_shapes" in raw
             else False,

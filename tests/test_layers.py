@@ -42,7 +42,7 @@ LAYERS: list[list[str]] = [
     ["rkort.cache.store"],
     ["rkort.cache.bundle", "rkort.cache.remote"],
     ["rkort.cache"],
-    ["rkort.traffic", "rkort.fitting"],
+    ["rkort.traffic", "rkort.fitting", "rkort.calibration"],
     ["rkort.face"],
     # 6 backends
     ["rkort.backends.base"],
