@@ -7,10 +7,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import shlex
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from .cache import Cache
 from .calibration import InputRecorder
 from .decision import Decision, Part
 from .errors import InvalidArgument, Unsupported, ort_error
-from .feed import cast_output, dtype_of
+from .feed import cast_output, contiguous, dtype_of
+from .hints import warmup_command
 from .model import ModelSource
 from .multishape import multi_shape_part, open_multi_shape  # noqa: F401  (cli.warmup reads it here)
 from .options import RKNNOptions
@@ -345,29 +345,9 @@ class RKNNEngine:
         return reason
 
     def _warmup_command(self, signature: Signature | None) -> str:
-        """The `rkort warmup` command that adds ``signature`` (with the shapes already warmed)."""
-        words = ["rkort", "warmup", str(self._model.path), "--target", self.options.target]
-        if self.options.quantized_dtype:
-            words += [
-                "--dtype",
-                self.options.quantized_dtype,
-                "--dataset",
-                str(self.options.dataset),
-            ]
-        if self.options.cpu_ops:
-            words += ["--cpu-ops", ",".join(self.options.cpu_ops)]
-        padded = self.policy.padded_symbols
-        if signature is None or not padded or self.policy.exact:
-            if signature is not None:
-                for name, shape in zip(self.input_names, signature):
-                    words += ["--shape", f"{name}={'x'.join(map(str, shape))}"]
-            return shlex.join(words)
-        known = [*(self.policy.allowed or []), signature]
-        for symbol in padded:
-            sizes = sorted({self.policy.size_of(s, symbol) for s in known})
-            flag = "--buckets" if self.policy.kind[symbol] == "sequence" else "--batch-buckets"
-            words += [flag, ",".join(map(str, sizes))]
-        return shlex.join(words)
+        return warmup_command(
+            self._model.path, self.options, self.policy, self.input_names, signature
+        )
 
     # -- running --
 
@@ -376,9 +356,13 @@ class RKNNEngine:
         arrays: Sequence[np.ndarray],
         profile: dict[str, Any] | None = None,
         on_segment: Any = None,
+        stop: Callable[[], None] | None = None,
     ) -> list[np.ndarray]:
         """Outputs in model order and declared dtypes. Raises :class:`CpuCall` when onnxruntime
-        should answer this call instead (and why)."""
+        should answer this call instead (and why). ``stop()`` is called between parts of the
+        call; what it raises ends the call (onnxruntime's RunOptions.terminate)."""
+        if stop is not None:
+            on_segment = _then_stop(on_segment, stop)
         if self._recorder is not None:
             self._recorder.record(arrays)
         if self._feeds is not None:
@@ -415,7 +399,14 @@ class RKNNEngine:
                 raise CpuCall(f"the NPU runtime refused this call: {e}") from e
             finally:
                 program.release()
-        return [cast_output(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)]
+        outputs = [
+            cast_output(o, dt) for o, dt in zip(self.policy.concat(parts), self.output_dtypes)
+        ]
+        if any(o.dtype.kind == "f" and not np.isfinite(o).all() for o in outputs):
+            # float16 overflowed somewhere inside (or the model itself makes inf/NaN): a number
+            # that cannot be trusted is never returned; onnxruntime computes this call.
+            raise CpuCall("inf or NaN in the NPU's outputs (float16 overflow inside the model?)")
+        return outputs
 
     def _run_chunks(
         self, program: Program, arrays: Sequence[np.ndarray], plan: Any, on_segment: Any
@@ -424,7 +415,7 @@ class RKNNEngine:
 
         def one(chunk: slice) -> list[np.ndarray]:
             padded = self.policy.pad(arrays, plan, chunk)
-            outs = program.run([np.ascontiguousarray(a) for a in padded], on_segment)
+            outs = program.run([contiguous(a) for a in padded], on_segment)
             return self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
 
         if len(plan.chunks) == 1 or len(self.parts.core_masks()) == 1:
@@ -460,6 +451,15 @@ def _beyond_fp16(a: np.ndarray) -> bool:
         return False
     big = np.abs(a) > _FP16_MAX
     return bool(big.any() and np.isfinite(a[big]).any())
+
+
+def _then_stop(hook: Any, stop: Callable[[], None]) -> Any:
+    def after(segment: Any, start: int, end: int) -> None:
+        if hook is not None:
+            hook(segment, start, end)
+        stop()
+
+    return after
 
 
 def default_budget() -> int:

@@ -103,3 +103,8 @@ def cast_output(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind in "iu":
         return np.rint(out).astype(dtype)
     return out.astype(dtype)
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, shape kept (numpy's ascontiguousarray turns a 0-d array into 1-d)."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(a.shape)

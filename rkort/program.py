@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends.base import Runner, RunnerClosed
 from .decision import Decision, Part
-from .feed import cast_output
+from .feed import cast_output, contiguous
 from .rules import NPU
 
 SegmentHook = Callable[["ProgramSegment", int, int], None]
@@ -70,7 +70,7 @@ class ProgramSegment:
         """The segment's outputs (in ``outputs`` order, declared dtypes) for its inputs."""
         runner, session = self.runner, self.session  # close() may clear them meanwhile
         if runner is not None:
-            outs = runner.run([np.ascontiguousarray(a) for a in arrays])
+            outs = runner.run([contiguous(a) for a in arrays])
             return [cast_output(o, dt) for o, dt in zip(outs, self.output_dtypes)]
         if session is None:
             raise RunnerClosed(f"segment {self.index} ({self.device}) is closed")

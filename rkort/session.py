@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections.abc
 import logging
 import os
-import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession a
 
 from .backends.base import RunnerDied
 from .cache import Cache
+from .calls import ORT_ERRORS, RUN, check_terminate, cpu_options, run_context, status_text
 from .engine import CpuCall, RKNNEngine
 from .errors import EPFail, Unsupported, ort_error
 from .face import recorded_face
@@ -132,6 +132,7 @@ class InferenceSession(_OrtSession):
         name = os.path.basename(os.fspath(path_or_bytes)) if _is_path(path_or_bytes) else "<bytes>"
         self._stats = SessionStats(name)
         self._failing = threading.RLock()
+        self._causes: set[str] = set()
         self._whole = True
         self._name = name
         self._async: ThreadPoolExecutor | None = None
@@ -225,6 +226,8 @@ class InferenceSession(_OrtSession):
             )
         except Exception as e:  # noqa: BLE001 - every RKNN failure means: the next provider runs it
             if not isinstance(e, (Unsupported, CompileError, OSError)):
+                if os.environ.get("RKORT_STRICT", "").strip() in ("1", "true", "yes"):
+                    raise
                 log.debug("RKNN setup failed unexpectedly", exc_info=True)
             reason = f"{type(e).__name__}: {e}"
             if not options.fallback:
@@ -281,12 +284,19 @@ class InferenceSession(_OrtSession):
                 "a feed onnxruntime takes in a form rkort does not: onnxruntime runs it"
             )
             return outs
+        token = RUN.set(run_context(run_options))
         try:
+            check_terminate(run_options)
             if self._profiler is None:
-                result = engine.run(arrays)
+                result = engine.run(arrays, stop=lambda: check_terminate(run_options))
             else:
                 with self._profiler.event(f"{PROVIDER}_run", provider=PROVIDER) as args:
-                    result = engine.run(arrays, args, self._profiler.segment_hook())
+                    result = engine.run(
+                        arrays,
+                        args,
+                        self._profiler.segment_hook(),
+                        stop=lambda: check_terminate(run_options),
+                    )
         except CpuCall as e:
             reason = e.reason
         except RunnerDied as e:
@@ -294,13 +304,40 @@ class InferenceSession(_OrtSession):
             # fails, warn and fall back for good.
             self._rknn_failed(e, engine)
             reason = self._cpu_reason
+        except Exception as e:  # noqa: BLE001 - rkort's own bug must not crash the app
+            if type(e).__module__ == ORT_ERRORS:
+                raise  # onnxruntime's own error for this call (an oversize input, terminate)
+            reason = self._unexpected(e, engine)
         else:
             self._stats.npu()
             return _pick(result, picks)
+        finally:
+            RUN.reset(token)
         self._load_whole()
         outs = self._sess.run(output_names or list(engine.output_names), input_feed, run_options)
         self._stats.cpu(reason)
         return outs
+
+    def _unexpected(self, error: Exception, engine: RKNNEngine) -> str:
+        """An unexpected failure inside rkort's NPU path: this call goes to onnxruntime, with a
+        warning once per cause (EPFail with fallback=0; raised as is with RKORT_STRICT=1)."""
+        if os.environ.get("RKORT_STRICT", "").strip() in ("1", "true", "yes"):
+            raise error
+        cause = f"{type(error).__name__}: {error}"
+        if not engine.options.fallback:
+            raise ort_error(EPFail, f"{PROVIDER} failed on this call: {cause}") from error
+        reason = f"an unexpected failure in rkort's NPU path ({cause[:300]})"
+        with self._failing:
+            first = cause not in self._causes
+            self._causes.add(cause)
+        if first:
+            log.warning(
+                "%s: %s; onnxruntime answers this call (please report this rkort bug)",
+                self._name,
+                reason,
+                exc_info=error,
+            )
+        return reason
 
     def run_async(self, output_names, input_feed, callback, user_data, run_options=None):  # type: ignore[no-untyped-def]
         """As onnxruntime's: compute on another thread, then ``callback(outputs, user_data, err)``
@@ -319,7 +356,7 @@ class InferenceSession(_OrtSession):
             try:
                 outputs = self.run(output_names, input_feed, run_options)
             except Exception as e:  # noqa: BLE001 - the callback is told, as onnxruntime does
-                callback([], user_data, _status_text(e))
+                callback([], user_data, status_text(e))
                 return
             callback(outputs, user_data, "")
 
@@ -410,35 +447,6 @@ def session_stats(session: _ort.InferenceSession) -> dict[str, Any]:
             f"session_stats() takes an rkort InferenceSession, not {type(session).__name__}"
         )
     return stats.as_dict()
-
-
-def cpu_options(given: Any) -> Any:
-    """The SessionOptions for the CPU segments of a session opened with ``given``: the user's
-    own (threads, execution mode, custom-op libraries), unless it would make each segment write
-    a profile or an optimized model of its own; then a copy of what can be copied."""
-    if given is None:
-        return None
-    if not given.enable_profiling and not given.optimized_model_filepath:
-        return given
-    copy = _ort.SessionOptions()
-    for name in (
-        "intra_op_num_threads",
-        "inter_op_num_threads",
-        "execution_mode",
-        "graph_optimization_level",
-        "log_severity_level",
-        "enable_cpu_mem_arena",
-        "enable_mem_pattern",
-        "use_deterministic_compute",
-    ):
-        setattr(copy, name, getattr(given, name))
-    return copy
-
-
-def _status_text(error: BaseException) -> str:
-    """An error as onnxruntime's run_async callback words it (its status message, no prefix)."""
-    text = str(error)
-    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
 
 
 def _is_path(value: Any) -> bool:

@@ -12,6 +12,9 @@ RKNN = "RKNNExecutionProvider"
 # Nothing a test does lands in the user's own cache: tests that need a cache of their own say so
 # (the cache_dir fixture), the rest share one private to this test run.
 os.environ["RKORT_CACHE_DIR"] = tempfile.mkdtemp(prefix="rkort-test-cache-")
+# Strict: a bug inside rkort's NPU path raises here instead of being answered by onnxruntime, as
+# it would be for a user (tests of that answer unset it).
+os.environ.setdefault("RKORT_STRICT", "1")
 
 needs_rknn = pytest.mark.skipif(
     RKNN not in rkort.get_available_providers(),

@@ -30,6 +30,7 @@ LAYERS: list[list[str]] = [
     # 3 shapes
     ["rkort.shapes"],
     ["rkort.buckets"],
+    ["rkort.hints"],
     # 4 compile
     ["rkort.spec"],
     ["rkort.toolkit.protocol", "rkort.toolkit.console"],
@@ -63,7 +64,7 @@ LAYERS: list[list[str]] = [
     ["rkort.multishape"],
     ["rkort.engine"],
     # 7 the session face
-    ["rkort.providers", "rkort.iobinding"],
+    ["rkort.providers", "rkort.iobinding", "rkort.calls"],
     ["rkort.session"],
     ["rkort.capi.onnxruntime_pybind11_state"],
     ["rkort.capi"],

@@ -73,7 +73,7 @@ def test_unknown_option_and_bad_values_raise_invalid_argument(mlp, cache_dir) ->
     for opts, needle in [
         ({"targt": "rk3588"}, "Unknown RKNNExecutionProvider option"),
         ({"target": "rk9999"}, "supported targets"),
-        ({"dtype": "w8a8"}, "calibration 'dataset'"),
+        ({"dtype": "w8a8"}, "needs calibration data"),
         ({"core_mask": "seven"}, "core_mask"),
         ({"fallback": "maybe"}, "expected 1 or 0"),
     ]:
