@@ -4,6 +4,7 @@ and markdown tables. Nothing here asserts a time: the benchmarks only measure an
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -13,10 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -163,6 +164,57 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+#: A figure of a table row: a number (formatted by the table's ``fmt``) or text kept as it is.
+Figure = Union[float, int, str, None]
+
+
+@dataclass
+class Side:
+    """One row of a "baseline vs rkort" pair: what it is, its figures, and text columns that
+    follow the ratios (who else was busy, say)."""
+
+    what: str
+    figures: Sequence[Figure]
+    after: Sequence[str] = field(default_factory=tuple)
+
+
+def pair_rows(
+    prefix: Sequence[str],
+    baseline: Side,
+    rkort: Side,
+    fmt: Callable[[float], str] = ms,
+    ratios: Sequence[int] = (0, 1),
+    missing: str = "n/a",
+) -> list[list[str]]:
+    """The two rows every benchmark compares with: ``prefix + [what] + figures + ratios +
+    after``, the baseline's ratios 1.00x, rkort's its figure ``i`` over the baseline's for each
+    ``i`` in ``ratios`` (``missing`` where either is not a number; None figures print so too)."""
+
+    def number(v: Figure) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    rows = []
+    for side in (baseline, rkort):
+        cells = [*prefix, side.what]
+        cells += [
+            missing if v is None else fmt(float(v)) if number(v) is not None else str(v)
+            for v in side.figures
+        ]
+        for i in ratios:
+            if side is baseline:
+                cells.append("1.00x")
+                continue
+            a, b = number(rkort.figures[i]), number(baseline.figures[i])
+            cells.append(ratio(a, b) if a is not None and b is not None else missing)
+        rows.append(cells + list(side.after))
+    return rows
+
+
+def busy(result: Mapping[str, Any]) -> str:
+    """Other processes' share of the CPUs while a child ran (see :func:`run_child`)."""
+    return f"{result['_others_cpu']:.0%}" if "_others_cpu" in result else "?"
+
+
 # ---------------------------------------------------------------------------------------------
 # Measuring
 
@@ -224,6 +276,57 @@ def time_calls(fn: Callable[[], Any], calls: int, warmup: int) -> list[float]:
     return out
 
 
+#: Interleaving: each runner gets calls/ROUNDS calls per round, in turn.
+ROUNDS = 20
+
+
+class Idled:
+    """A runner that idles ``gap`` seconds before each call, untimed: the call is timed alone."""
+
+    def __init__(self, fn: Callable[[], Any], gap: float) -> None:
+        self.fn, self.gap = fn, gap
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+    def timed(self, calls: int) -> list[float]:
+        out = []
+        for _ in range(calls):
+            time.sleep(self.gap)
+            t = time.perf_counter()
+            self.fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+
+def interleave(
+    runners: Mapping[str, Callable[[], Any]], calls: int, warmup: int, rounds: int = ROUNDS
+) -> dict[str, list[float]]:
+    """Per-call times of several runners measured side by side: ``warmup`` untimed calls each,
+    then ``rounds`` rounds in which each runner makes calls/rounds timed calls in turn (the order
+    reversed every other round), so that drifts of the machine's load hit every runner alike."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    per_round = max(1, calls // rounds)
+    for r in range(rounds):
+        order = list(runners.items())
+        if r % 2:
+            order.reverse()
+        for name, fn in order:
+            if isinstance(fn, Idled):
+                samples[name] += fn.timed(per_round)
+            else:
+                samples[name] += time_calls(fn, per_round, 0)
+    return samples
+
+
+def cosine(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
 def peak_rss(pid: int | None = None) -> int:
     """Peak resident set size (VmHWM) of a live process, in bytes; this process by default."""
     path = f"/proc/{pid or 'self'}/status"
@@ -240,6 +343,71 @@ def peak_rss(pid: int | None = None) -> int:
     import psutil
 
     return psutil.Process(pid).memory_info().rss  # current, not peak: the best left
+
+
+def rss(pid: int | None = None) -> int:
+    """Current resident set size of a live process (this one by default), in bytes."""
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def simulator_workers() -> list[int]:
+    """The pids of this process's rkort simulator workers (and of a board rehearsal's stand-in):
+    its children running ``python -m rkort.toolkit.child serve``, found in the process table
+    (rkort keeps its runners private). A benchmark holding one session sees that session's
+    contexts, one worker each on a host."""
+    import psutil
+
+    from rkort.toolkit.protocol import CHILD_MODULE
+
+    found = []
+    for child in psutil.Process().children():
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if CHILD_MODULE in argv and "serve" in argv:
+            found.append(child.pid)
+    return found
+
+
+def memory_now() -> dict[str, Any]:
+    """This process's peak and current RSS, and each simulator worker's (see
+    :func:`simulator_workers`); ``worker_peak``/``worker_rss`` are their sums (None: no worker)."""
+    workers = []
+    for pid in simulator_workers():
+        try:
+            workers.append({"pid": pid, "peak": peak_rss(pid), "rss": rss(pid)})
+        except Exception:  # noqa: BLE001 - it exited meanwhile
+            continue
+    return {
+        "peak": peak_rss(),
+        "rss": rss(),
+        "workers": workers,
+        "worker_peak": sum(w["peak"] for w in workers) if workers else None,
+        "worker_rss": sum(w["rss"] for w in workers) if workers else None,
+    }
+
+
+def measure_alone(
+    load: Callable[[], Any],
+    open_session: Callable[[Any], tuple[Callable[[], Any], dict[str, Any]]],
+    calls: int,
+) -> dict[str, Any]:
+    """The memory child: one configuration alone in this fresh process. ``load()`` imports the
+    runtime (timed as ``import``), ``open_session(loaded)`` opens it (timed as ``session``) and
+    returns the call to repeat and what else to report (``info``); after ``calls`` calls, the
+    figures of :func:`memory_now`. The caller keeps nothing else alive: import only numpy
+    before."""
+    t0 = time.perf_counter()
+    loaded = load()
+    t1 = time.perf_counter()
+    call, info = open_session(loaded)
+    t2 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return {"import": t1 - t0, "session": t2 - t1, "info": info, **memory_now()}
 
 
 @contextlib.contextmanager
@@ -262,15 +430,28 @@ def quiet_fds(log_path: str | os.PathLike[str] | None = None) -> Iterator[None]:
             os.close(fd)
 
 
-def run_child(script: Path, args: Sequence[str], log_path: Path, timeout: float = 900) -> dict:
-    """Run ``python script --child ... --out FILE`` with its console output in ``log_path``;
-    returns the JSON it wrote. Used for parts that load rknn-toolkit2 (its output is noise)."""
+def run_child(
+    script: Path, kind: str, log_path: Path, timeout: float = 900, **params: Any
+) -> dict[str, Any]:
+    """Run ``python script --child KIND --params JSON --out FILE`` (see :func:`main`) with its
+    console output in ``log_path`` and return the JSON it wrote, with ``_others_cpu`` added
+    (other work's CPU share meanwhile). ``params`` are JSON data, :class:`Model` objects
+    included. Used for parts that load rknn-toolkit2 (its output is noise) or need a fresh
+    process."""
     with tempfile.TemporaryDirectory(prefix="rkort-bench-child-") as tmp:
         out = Path(tmp) / "result.json"
         start = _cpu_now()
+        argv = [
+            "--child",
+            kind,
+            "--params",
+            json.dumps(params, default=_to_json),
+            "--out",
+            str(out),
+        ]
         with open(log_path, "ab") as logf:
             proc = subprocess.run(
-                [sys.executable, str(script), "--child", *args, "--out", str(out)],
+                [sys.executable, str(script), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -281,7 +462,7 @@ def run_child(script: Path, args: Sequence[str], log_path: Path, timeout: float 
         if proc.returncode != 0 or not out.exists():
             tail = Path(log_path).read_text(errors="replace").splitlines()[-25:]
             raise RuntimeError(
-                f"benchmark child {script.name} {' '.join(args)} failed (exit {proc.returncode}); "
+                f"benchmark child {script.name} {kind} failed (exit {proc.returncode}); "
                 f"last lines of {log_path}:\n" + "\n".join(tail)
             )
         result = json.loads(out.read_text())
@@ -289,6 +470,36 @@ def run_child(script: Path, args: Sequence[str], log_path: Path, timeout: float 
             # CPU that other work used meanwhile (the child and its descendants are reaped).
             result["_others_cpu"] = others_cpu_since(start)
         return result
+
+
+def main(parent: Callable[[], Any], children: Mapping[str, Callable[..., Any]]) -> None:
+    """A benchmark script's entry point: ``parent()``, or in a child started by
+    :func:`run_child`, ``children[KIND](**params)``, whose JSON result is written for the
+    parent; the child then exits at once (the toolkit's native threads can hang at exit)."""
+    if len(sys.argv) < 2 or sys.argv[1] != "--child":
+        sys.exit(parent())
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", required=True, choices=sorted(children))
+    p.add_argument("--params", default="{}")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(sys.argv[1:])
+    result = children[a.child](**json.loads(a.params, object_hook=_from_json))
+    write_json(a.out, result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Model):
+        return {"__model__": value.as_json()}
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON data")
+
+
+def _from_json(obj: dict[str, Any]) -> Any:
+    return Model.from_json(obj["__model__"]) if set(obj) == {"__model__"} else obj
 
 
 def private_default_cache(tmp: Path) -> None:
@@ -335,6 +546,19 @@ class Model:
         if "_size" not in self.__dict__:
             self.__dict__["_size"] = self.path.stat().st_size
         return int(self.__dict__["_size"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "inputs": {k: [list(shape), dt] for k, (shape, dt) in self.inputs.items()},
+            "outputs": list(self.outputs),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Model:
+        inputs = {k: (tuple(shape), dt) for k, (shape, dt) in d["inputs"].items()}
+        return cls(d["name"], Path(d["path"]), inputs, tuple(d["outputs"]))
 
 
 def models_dir(default: Path) -> Path:
@@ -383,14 +607,21 @@ def mlp(directory: Path) -> Model:
     return info
 
 
-def bert(directory: Path, hidden: int = 256, layers: int = 4, name: str | None = None) -> Model:
+def bert(
+    directory: Path,
+    hidden: int = 256,
+    layers: int = 4,
+    name: str | None = None,
+    dynamic: bool = False,
+) -> Model:
     """A BERT encoder with random weights (transformers BertModel), exported at batch 1, seq 128,
     returning last_hidden_state only. hidden 256 / 4 layers is "BERT-like" (~30 MB); hidden 768 /
-    12 layers is BERT-base sized (~420 MB)."""
-    name = name or f"bert_h{hidden}_l{layers}"
+    12 layers is BERT-base sized (~420 MB). ``dynamic``: batch and sequence axes dynamic (named
+    batch_size and sequence_length, as optimum names them); the feed stays 1 x 128."""
+    name = name or f"bert_h{hidden}_l{layers}" + ("_dyn" if dynamic else "")
     path = directory / f"{name}.onnx"
     info = Model(
-        f"BERT-like h{hidden} L{layers}",
+        f"BERT-like h{hidden} L{layers}" + (" (dynamic axes)" if dynamic else ""),
         path,
         {"input_ids": ((1, SEQ), "int64"), "attention_mask": ((1, SEQ), "int64")},
         ("last_hidden_state",),
@@ -402,11 +633,20 @@ def bert(directory: Path, hidden: int = 256, layers: int = 4, name: str | None =
     # transformers and torch.onnx print warnings: export in a child with its output in a log.
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import _common; "
-        "_common._export_bert(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
+        "_common._export_bert(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == '1')"
     )
     with open(directory / f"{name}.export.log", "wb") as logf:
         subprocess.run(
-            [sys.executable, "-c", code, str(HERE), str(path), str(hidden), str(layers)],
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(HERE),
+                str(path),
+                str(hidden),
+                str(layers),
+                "1" if dynamic else "0",
+            ],
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -416,7 +656,7 @@ def bert(directory: Path, hidden: int = 256, layers: int = 4, name: str | None =
     return info
 
 
-def _export_bert(path: str, hidden: int, layers: int) -> None:
+def _export_bert(path: str, hidden: int, layers: int, dynamic: bool = False) -> None:
     import inspect
 
     import torch
@@ -449,6 +689,13 @@ def _export_bert(path: str, hidden: int, layers: int) -> None:
         "opset_version": OPSET,
         "do_constant_folding": True,
     }
+    if dynamic:
+        axes = {0: "batch_size", 1: "sequence_length"}
+        kwargs["dynamic_axes"] = {
+            "input_ids": axes,
+            "attention_mask": axes,
+            "last_hidden_state": axes,
+        }
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
     tmp = Path(path).with_suffix(".onnx.part")

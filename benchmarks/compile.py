@@ -70,20 +70,15 @@ def _raw_build(RKNN: Any, model: c.Model, blob: Path) -> dict[str, Any]:
     return {"total": total, **steps}
 
 
-def child_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--child", required=True)
-    p.add_argument("--models", required=True)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    models = _models(Path(a.models))
+def child_raw(models: str) -> dict[str, Any]:
+    built = _models(Path(models))
     work = Path(os.getcwd())
     t = time.perf_counter()
     from rknn.api import RKNN
 
     result: dict[str, Any] = {"import": time.perf_counter() - t, "models": {}}
-    _raw_build(RKNN, models["mlp"], work / "warmup.rknn")  # untimed: first-build lazy init
-    for key, m in models.items():
+    _raw_build(RKNN, built["mlp"], work / "warmup.rknn")  # untimed: first-build lazy init
+    for key, m in built.items():
         blob = work / f"{key}.rknn"
         times = _raw_build(RKNN, m, blob)
         data = blob.read_bytes()
@@ -94,8 +89,7 @@ def child_main(argv: list[str]) -> None:
     result["mlp_rebuild_identical"] = (work / "warmup.rknn").read_bytes() == (
         work / "mlp.rknn"
     ).read_bytes()
-    c.write_json(a.out, result)
-    os._exit(0)  # skip the toolkit's teardown
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +142,7 @@ def main() -> None:
         logfile = Path(tmp) / "children.log"
         for rep in range(a.reps):
             c.log(f"rep {rep + 1}/{a.reps}: raw toolkit builds in-process (child process) ...")
-            raw_runs.append(c.run_child(me, ["raw", "--models", str(mdir)], logfile))
+            raw_runs.append(c.run_child(me, "raw", logfile, models=str(mdir)))
             c.log(f"rep {rep + 1}/{a.reps}: rkort compile_to_cache (fresh caches) ...")
             rk_runs.append({key: rkort_compile(m) for key, m in models.items()})
         sizes = {key: m.size for key, m in models.items()}  # the files go with the directory
@@ -248,7 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[1:])
-    else:
-        main()
+    c.main(main, {"raw": child_raw})

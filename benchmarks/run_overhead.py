@@ -15,6 +15,7 @@ rkort's worker.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -26,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+from _common import Side, mib, ms, secs  # noqa: E402
 
 NAME = "run_overhead"
 MEMORY_CALLS = 20  # calls after open in the memory runs (peak RSS does not grow with calls)
 IDLE_GAP = 0.0003  # s of idling before each call of the "raw_idle" reference runner
-ROUNDS = 20  # interleaving: each runner gets calls/ROUNDS calls per round, in turn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +80,7 @@ def _raw_call(rknn: Any, model: c.Model) -> Callable[[], Any]:
     return lambda: rknn.inference(inputs=arrays, data_format=formats)
 
 
-def _open_rkort_rknn(model: c.Model, cache_dir: str) -> tuple[Any, float]:
-    t0 = time.perf_counter()
+def _open_rkort_rknn(model: c.Model, cache_dir: str) -> Any:
     import rkort
 
     sess = rkort.InferenceSession(
@@ -88,56 +88,50 @@ def _open_rkort_rknn(model: c.Model, cache_dir: str) -> tuple[Any, float]:
         providers=["RKNNExecutionProvider", "CPUExecutionProvider"],
         provider_options=[_rknn_options(cache_dir), {}],
     )
-    elapsed = time.perf_counter() - t0
     if sess.get_providers()[0] != "RKNNExecutionProvider":
         raise RuntimeError(f"rkort did not use RKNN: {sess.get_providers()}")
-    return sess, elapsed
+    return sess
 
 
-def _npu_runners(sess: Any) -> tuple[list[Any], int]:
-    """The runners behind an rkort RKNN session, and how many CPU segments it has. Private
-    attributes that other rkort work keeps reshaping: every layout seen so far is handled, and
-    anything else gives ([], 0) (the breakdown and worker memory are then left out)."""
-    engine = getattr(sess, "_rknn", None)
-    single = getattr(engine, "_runner", None)
-    if single is not None:
-        return [single], 0
-    runners: list[Any] = []
-    cpu = 0
-    for value in getattr(engine, "_programs", {}).values():
-        for seg in getattr(value, "segments", ()):
-            if getattr(seg, "runner", None) is not None:
-                runners.append(seg.runner)
-            else:
-                cpu += 1
-    if runners or cpu:
-        return runners, cpu
-    for value in getattr(engine, "_runners", {}).values():
-        item = value[0] if isinstance(value, tuple) else value
-        program = getattr(item, "program", None)
-        if program is not None:
-            for seg in program.segments:
-                if getattr(seg, "runner", None) is not None:
-                    runners.append(seg.runner)
-                else:
-                    cpu += 1
-        elif getattr(item, "runner", None) is not None:
-            runners.append(item.runner)
-        elif hasattr(item, "pid"):
-            runners.append(item)
-    return runners, cpu
+def _inner_layers(
+    model: c.Model, sess: Any, cache_dir: str
+) -> tuple[dict[str, Callable[[], Any]], list[Callable[[], None]]]:
+    """rkort's inner layers, each opened on its own (the session keeps its runners private): an
+    ``RKNNEngine`` (padding, program, context pool, worker) and a bare simulator
+    ``WorkerProcess`` serving the same build (the worker round trip). Each builds the model in
+    a worker of its own, from the program record the session left in ``cache_dir``."""
+    from rkort.cache import Cache
+    from rkort.engine import RKNNEngine
+    from rkort.model import ModelSource
+    from rkort.options import RKNNOptions
+    from rkort.planner import Planner
+    from rkort.toolkit.process import WorkerProcess
+    from rkort.toolkit.protocol import build_request
 
-
-def _runner(sess: Any) -> Any:
-    """The one simulator runner of a session that runs the whole model as one NPU graph."""
-    runners, cpu = _npu_runners(sess)
-    return runners[0] if len(runners) == 1 and cpu == 0 else None
-
-
-def _close(sess: Any) -> None:
-    close = getattr(sess, "_close_rknn", None)
-    if close is not None:
-        close()
+    feed = model.feed()
+    options = RKNNOptions.parse(_rknn_options(cache_dir))
+    engine = RKNNEngine(ModelSource(model.path), sess.get_inputs(), sess.get_outputs(), options)
+    closers: list[Callable[[], None]] = [engine.close]
+    engine_arrays = [np.ascontiguousarray(feed[n]) for n in engine.input_names]
+    planner = Planner(ModelSource(model.path), options, Cache(cache_dir))
+    decision, _ = planner.decide({n: s for n, (s, _) in model.inputs.items()})
+    (part,) = decision.npu_parts
+    assert part.spec is not None
+    planner.ensure_file(decision, part)
+    worker = WorkerProcess(
+        "serve",
+        build_request(part.spec, export=False, runtime={"target": None}),
+        subject=f"{model.name} (benchmark's bare worker)",
+        progress=False,
+    )
+    closers.append(worker.close)
+    worker.wait_until("ready")
+    worker_arrays = [np.ascontiguousarray(feed[n]) for n in part.spec.input_names]
+    runners = {
+        "engine": lambda: engine.run(engine_arrays),
+        "worker": lambda: worker.call(worker_arrays),
+    }
+    return runners, closers
 
 
 _ECHO = """
@@ -180,71 +174,30 @@ def _echo_process(reply: list[np.ndarray]) -> tuple[Callable[[list[np.ndarray]],
     return call, close
 
 
-class Idled:
-    """A runner that idles ``gap`` seconds before each call, untimed: the call is timed alone."""
-
-    def __init__(self, fn: Callable[[], Any], gap: float) -> None:
-        self.fn, self.gap = fn, gap
-
-    def __call__(self) -> Any:
-        return self.fn()
-
-    def timed(self, calls: int) -> list[float]:
-        out = []
-        for _ in range(calls):
-            time.sleep(self.gap)
-            t = time.perf_counter()
-            self.fn()
-            out.append(time.perf_counter() - t)
-        return out
-
-
-def _interleave(runners: dict[str, Callable[[], Any]], calls: int, warmup: int) -> dict[str, list]:
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    per_round = max(1, calls // ROUNDS)
-    for r in range(ROUNDS):
-        order = list(runners.items())
-        if r % 2:
-            order.reverse()
-        for name, fn in order:
-            if isinstance(fn, Idled):
-                samples[name] += fn.timed(per_round)
-            else:
-                samples[name] += c.time_calls(fn, per_round, 0)
-    return samples
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-
-
 def child_rknn_latency(model: c.Model, calls: int, warmup: int) -> dict:
     rknn, _ = _open_raw(model)
     with tempfile.TemporaryDirectory(prefix="rkort-bench-cache-") as cache_dir:
-        sess, _ = _open_rkort_rknn(model, cache_dir)
+        sess = _open_rkort_rknn(model, cache_dir)
         feed = model.feed()
         runners: dict[str, Callable[[], Any]] = {
             "raw": _raw_call(rknn, model),
             "rkort": lambda: sess.run(None, feed),
             # The same raw call, but not back-to-back: as it runs inside rkort's worker, which
             # sits idle in recv() between calls while the parent does its part.
-            "raw_idle": Idled(_raw_call(rknn, model), IDLE_GAP),
+            "raw_idle": c.Idled(_raw_call(rknn, model), IDLE_GAP),
         }
-        # rkort's layers, innermost last (private attributes: skipped if they moved).
-        engine = sess._rknn
-        worker = getattr(_runner(sess), "_worker", None)
-        if worker is not None and hasattr(engine, "run"):
-            arrays = [np.ascontiguousarray(feed[n]) for n in engine.input_names]
-            runners["engine"] = lambda: engine.run(arrays)
-            runners["worker"] = lambda: worker.call(arrays)
+        closers: list[Callable[[], None]] = []
+        layers_error = None
+        try:
+            layers, closers = _inner_layers(model, sess, cache_dir)
+            runners.update(layers)
+        except Exception as e:  # noqa: BLE001 - rkort's inner modules moved: no breakdown
+            layers_error = f"{type(e).__name__}: {e}"
         echo, close_echo = _echo_process([np.asarray(o) for o in runners["raw"]()])
+        closers.append(close_echo)
         raw_arrays = [feed[n] for n in model.inputs]
         runners["echo"] = lambda: echo(raw_arrays)
-        samples = _interleave(runners, calls, warmup)
+        samples = c.interleave(runners, calls, warmup)
         raw_out = runners["raw"]()[0]
         rk_out = sess.run(None, feed)[0]
         import onnxruntime as ort
@@ -252,11 +205,15 @@ def child_rknn_latency(model: c.Model, calls: int, warmup: int) -> dict:
         cpu_out = ort.InferenceSession(str(model.path)).run(None, feed)[0]
         result = {
             "stats": {k: c.Stats.of(v).as_dict() for k, v in samples.items()},
-            "cos_rkort_raw": _cosine(rk_out, raw_out),
-            "cos_rkort_cpu": _cosine(rk_out, cpu_out),
+            "cos_rkort_raw": c.cosine(rk_out, raw_out),
+            "cos_rkort_cpu": c.cosine(rk_out, cpu_out),
+            "layers_error": layers_error,
         }
-        _close(sess)
-        close_echo()
+        for close in closers:
+            close()
+        runners.clear()
+        sess = None  # its workers close with it
+        gc.collect()
     rknn.release()
     return result
 
@@ -269,7 +226,7 @@ def child_cpu_latency(model: c.Model, calls: int, warmup: int) -> dict:
     feed = model.feed()
     ort_sess = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     rk_sess = rkort.InferenceSession(str(model.path), providers=None)
-    samples = _interleave(
+    samples = c.interleave(
         {"ort": lambda: ort_sess.run(None, feed), "rkort": lambda: rk_sess.run(None, feed)},
         calls,
         warmup,
@@ -278,81 +235,49 @@ def child_cpu_latency(model: c.Model, calls: int, warmup: int) -> dict:
     return {"stats": {k: c.Stats.of(v).as_dict() for k, v in samples.items()}, "max_abs": diff}
 
 
-def child_memory(model: c.Model, mode: str, calls: int) -> dict:
-    """One configuration alone in this (fresh) process: import, open, run ``calls`` times, and
-    report the peaks. Nothing but numpy is imported before the timed import."""
+def child_memory(model: c.Model, mode: str) -> dict:
+    """One configuration alone in this (fresh) process: import, open, run, and the peaks.
+    Nothing but numpy is imported before the timed import."""
     feed = model.feed()
-    worker_peak = None
-    build_info: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    if mode == "raw":
-        import rknn.api  # noqa: F401
+    held: list[Any] = []  # what the process holds until the figures are taken
 
-        t1 = time.perf_counter()
-        rknn, times = _open_raw(model)
-        t2 = time.perf_counter()
-        fn = _raw_call(rknn, model)
-        build_info = times
-    elif mode == "rkort-rknn":
-        import rkort  # noqa: F401
+    def load() -> Any:
+        if mode == "raw":
+            import rknn.api  # noqa: F401
 
-        t1 = time.perf_counter()
-        # Under the child's working directory, which run_child removes afterwards.
-        cache_dir = tempfile.mkdtemp(prefix="rkort-bench-cache-", dir=os.getcwd())
-        sess, _ = _open_rkort_rknn(model, cache_dir)
-        t2 = time.perf_counter()
-        fn = lambda: sess.run(None, feed)  # noqa: E731
-        build_info = dict(getattr(_runner(sess), "build_info", {}))
-    elif mode in ("ort", "rkort-cpu"):
+            return None
+        if mode in ("rkort-rknn", "rkort-cpu"):
+            import rkort
+
+            return rkort
         if mode == "ort":
-            import onnxruntime as rt
-        else:
-            import rkort as rt  # type: ignore[no-redef]
-        t1 = time.perf_counter()
-        s = rt.InferenceSession(str(model.path), providers=None)
-        t2 = time.perf_counter()
-        fn = lambda: s.run(None, feed)  # noqa: E731
-    else:
+            import onnxruntime
+
+            return onnxruntime
         raise ValueError(mode)
-    for _ in range(calls):
-        fn()
+
+    def open_session(rt: Any) -> tuple[Callable[[], Any], dict[str, Any]]:
+        if mode == "raw":
+            rknn, times = _open_raw(model)
+            held.append(rknn)
+            return _raw_call(rknn, model), times
+        if mode == "rkort-rknn":
+            # Under the child's working directory, which run_child removes afterwards.
+            cache_dir = tempfile.mkdtemp(prefix="rkort-bench-cache-", dir=os.getcwd())
+            sess = _open_rkort_rknn(model, cache_dir)
+        else:
+            sess = rt.InferenceSession(str(model.path), providers=None)
+        held.append(sess)
+        return lambda: sess.run(None, feed), {}
+
+    result = c.measure_alone(load, open_session, MEMORY_CALLS)
     if mode == "rkort-rknn":
-        runners, cpu_segments = _npu_runners(sess)
-        pids = [int(r.pid) for r in runners if getattr(r, "pid", None) is not None]
-        if pids:
-            worker_peak = sum(c.peak_rss(pid) for pid in pids)
-        build_info["segments"] = f"{len(runners)} NPU + {cpu_segments} CPU"
-        _close(sess)
-    return {
-        "import": t1 - t0,
-        "session": t2 - t1,
-        "peak": c.peak_rss(),
-        "worker_peak": worker_peak,
-        "build_info": build_info,
-    }
+        import rkort
 
-
-def child_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--child", required=True)
-    p.add_argument("--models", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--mode", default="")
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    model = _models(Path(a.models))[a.model]
-    if a.child == "rknn-latency":
-        res = child_rknn_latency(model, a.calls, a.warmup)
-    elif a.child == "cpu-latency":
-        res = child_cpu_latency(model, a.calls, a.warmup)
-    elif a.child == "memory":
-        res = child_memory(model, a.mode, MEMORY_CALLS)
-    else:
-        raise ValueError(a.child)
-    c.write_json(a.out, res)
-    os._exit(0)  # skip the toolkit's teardown (its native threads can hang at exit)
+        result["info"]["contexts"] = len(rkort.session_stats(held[0])["contexts"])
+    del held[:]
+    gc.collect()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +286,15 @@ def child_main(argv: list[str]) -> None:
 
 def _models(directory: Path) -> dict[str, c.Model]:
     return {"mlp": c.mlp(directory), "bert": c.bert(directory)}
+
+
+def _segments(model: c.Model) -> str:
+    """The plan `rkort inspect` reports for the model: its NPU and CPU segments."""
+    from rkort.cli.inspect import build_report
+
+    segments = build_report(str(model.path), c.TARGET, [], {})["segments"]
+    npu = sum(1 for s in segments if s["device"] == "npu")
+    return f"{npu} NPU + {len(segments) - npu} CPU"
 
 
 def main() -> None:
@@ -372,209 +306,106 @@ def main() -> None:
     me = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="rkort-bench-") as tmp:
         c.private_default_cache(Path(tmp))
-        mdir = c.models_dir(Path(tmp) / "models")
-        models = _models(mdir)
+        models = _models(c.models_dir(Path(tmp) / "models"))
         logfile = Path(tmp) / "children.log"
 
-        def child(kind: str, key: str, *extra: str) -> dict:
-            args = [kind, "--models", str(mdir), "--model", key]
-            args += ["--calls", str(a.calls), "--warmup", str(a.warmup), *extra]
-            return c.run_child(me, args, logfile)
+        def child(kind: str, model: c.Model, **params: Any) -> dict:
+            return c.run_child(me, kind, logfile, model=model, **params)
 
         lat_rows, cpu_rows, mem_rows, brk_rows, open_rows = [], [], [], [], []
         busy_rows: list[list[str]] = []
         notes = []
         for key in a.models:
             m = models[key]
-            label = f"{m.name} ({c.mib(m.size)} MiB)"
+            label = f"{m.name} ({mib(m.size)} MiB)"
             c.log(f"{m.name}: RKNN latency (raw toolkit vs rkort, interleaved) ...")
-            r = child("rknn-latency", key)
+            r = child("rknn-latency", m, calls=a.calls, warmup=a.warmup)
             st = r["stats"]
             raw, rk = st["raw"], st["rkort"]
-            lat_rows.append(
-                [
-                    label,
-                    "RKNN sim",
-                    "raw `rknn.inference()` in-process",
-                    ms(raw["median"]),
-                    ms(raw["p90"]),
-                    "1.00x",
-                    "1.00x",
-                ]
-            )
-            lat_rows.append(
-                [
-                    label,
-                    "RKNN sim",
-                    "rkort `session.run()` (worker)",
-                    ms(rk["median"]),
-                    ms(rk["p90"]),
-                    c.ratio(rk["median"], raw["median"]),
-                    c.ratio(rk["p90"], raw["p90"]),
-                ]
+            lat_rows += c.pair_rows(
+                [label, "RKNN sim"],
+                Side("raw `rknn.inference()` in-process", [raw["median"], raw["p90"]]),
+                Side("rkort `session.run()` (worker)", [rk["median"], rk["p90"]]),
             )
             if "worker" in st:
-                layers = [
-                    ("raw `rknn.inference()` in-process", raw),
-                    ("+ IPC: `WorkerProcess.call()` round trip", st["worker"]),
-                    ("+ runner/engine: `RKNNEngine.run()`", st["engine"]),
-                    ("+ session: `InferenceSession.run()`", rk),
-                ]
-                prev = None
-                for what, s in layers:
-                    added = "" if prev is None else ms(s["median"] - prev["median"])
-                    brk_rows.append([m.name, what, ms(s["median"]), added])
-                    prev = s
-                brk_rows.append(
-                    [
-                        m.name,
-                        f"(reference) raw `rknn.inference()` after {IDLE_GAP * 1e3:.1f} ms idle "
-                        "(not back-to-back), call alone timed",
-                        ms(st["raw_idle"]["median"]),
-                        ms(st["raw_idle"]["median"] - raw["median"]) + " vs raw",
-                    ]
-                )
-                brk_rows.append(
-                    [
-                        m.name,
-                        "(reference) echo process, same transport, no toolkit: IPC floor",
-                        ms(st["echo"]["median"]),
-                        "",
-                    ]
-                )
-            busy_rows.append([m.name, "RKNN", f"{r['_others_cpu']:.0%}"])
+                brk_rows += _breakdown(m, st)
+            else:
+                notes.append(f"{m.name}: no breakdown ({r['layers_error']})")
+            busy_rows.append([m.name, "RKNN", c.busy(r)])
             notes.append(
                 f"{m.name}: cosine(rkort RKNN output, raw toolkit output) = "
                 f"{r['cos_rkort_raw']:.7f}; vs onnxruntime CPU = {r['cos_rkort_cpu']:.7f}"
             )
 
             c.log(f"{m.name}: CPU latency (onnxruntime vs rkort providers=None, interleaved) ...")
-            r = child("cpu-latency", key)
+            r = child("cpu-latency", m, calls=a.calls, warmup=a.warmup)
             o, k = r["stats"]["ort"], r["stats"]["rkort"]
-            busy_rows.append([m.name, "CPU", f"{r['_others_cpu']:.0%}"])
-            cpu_rows.append(
-                [
-                    label,
-                    "CPU",
-                    "onnxruntime `InferenceSession.run()`",
-                    ms(o["median"]),
-                    ms(o["p90"]),
-                    "1.00x",
-                    "1.00x",
-                ]
-            )
-            cpu_rows.append(
-                [
-                    label,
-                    "CPU",
-                    "rkort `InferenceSession(providers=None).run()`",
-                    ms(k["median"]),
-                    ms(k["p90"]),
-                    c.ratio(k["median"], o["median"]),
-                    c.ratio(k["p90"], o["p90"]),
-                ]
+            busy_rows.append([m.name, "CPU", c.busy(r)])
+            cpu_rows += c.pair_rows(
+                [label, "CPU"],
+                Side("onnxruntime `InferenceSession.run()`", [o["median"], o["p90"]]),
+                Side("rkort `InferenceSession(providers=None).run()`", [k["median"], k["p90"]]),
             )
             notes.append(f"{m.name}: max |rkort CPU - onnxruntime| = {r['max_abs']:.3g}")
 
             mem = {}
             for mode in ("raw", "rkort-rknn", "ort", "rkort-cpu"):
                 c.log(f"{m.name}: memory and open time, {mode} alone in a fresh process ...")
-                mem[mode] = child("memory", key, "--mode", mode)
+                mem[mode] = child("memory", m, mode=mode)
             raw_m, rk_m = mem["raw"], mem["rkort-rknn"]
-            wk = rk_m["worker_peak"] or 0
-            mem_rows += [
-                [
-                    m.name,
-                    "RKNN sim",
-                    "raw toolkit, in-process",
-                    mib(raw_m["peak"]),
-                    "-",
-                    mib(raw_m["peak"]),
-                    "1.00x",
-                    "1.00x",
-                ],
-                [
-                    m.name,
-                    "RKNN sim",
+            wk = rk_m["worker_peak"]
+            mem_rows += c.pair_rows(
+                [m.name, "RKNN sim"],
+                Side("raw toolkit, in-process", [raw_m["peak"], "-", raw_m["peak"]]),
+                Side(
                     "rkort (user process + worker(s))",
-                    mib(rk_m["peak"]),
-                    mib(wk) if wk else "n/a",
-                    mib(rk_m["peak"] + wk) if wk else "n/a",
-                    c.ratio(rk_m["peak"], raw_m["peak"]),
-                    c.ratio(rk_m["peak"] + wk, raw_m["peak"]) if wk else "n/a",
-                ],
-                [
-                    m.name,
-                    "CPU",
-                    "onnxruntime",
-                    mib(mem["ort"]["peak"]),
-                    "-",
-                    mib(mem["ort"]["peak"]),
-                    "1.00x",
-                    "1.00x",
-                ],
-                [
-                    m.name,
-                    "CPU",
+                    [rk_m["peak"], wk, rk_m["peak"] + wk if wk else None],
+                ),
+                fmt=mib,
+                ratios=(0, 2),
+            )
+            mem_rows += c.pair_rows(
+                [m.name, "CPU"],
+                Side("onnxruntime", [mem["ort"]["peak"], "-", mem["ort"]["peak"]]),
+                Side(
                     "rkort providers=None",
-                    mib(mem["rkort-cpu"]["peak"]),
-                    "-",
-                    mib(mem["rkort-cpu"]["peak"]),
-                    c.ratio(mem["rkort-cpu"]["peak"], mem["ort"]["peak"]),
-                    c.ratio(mem["rkort-cpu"]["peak"], mem["ort"]["peak"]),
-                ],
-            ]
-            bi_raw, bi_rk = raw_m["build_info"], rk_m["build_info"]
-            open_rows += [
-                [
-                    m.name,
+                    [mem["rkort-cpu"]["peak"], "-", mem["rkort-cpu"]["peak"]],
+                ),
+                fmt=mib,
+                ratios=(0, 2),
+            )
+            bi_raw = raw_m["info"]
+            contexts = rk_m["info"].get("contexts")
+            of_which = f"segments: {_segments(m)}" + (
+                f", {contexts} context(s)" if contexts is not None else ""
+            )
+            open_rows += c.pair_rows(
+                [m.name],
+                _open_side(
                     "raw toolkit (`rknn.api`; RKNN()+config+load_onnx+build, init_runtime)",
-                    secs(raw_m["import"]),
-                    secs(raw_m["session"]),
+                    raw_m,
                     f"build {secs(bi_raw['build'])}, init_runtime {secs(bi_raw['init_runtime'])}",
-                    secs(raw_m["import"] + raw_m["session"]),
-                    "1.00x",
-                    _busy(raw_m),
-                ],
-                [
-                    m.name,
+                ),
+                _open_side(
                     "rkort RKNN session, empty private cache (build+export+cache in worker)",
-                    secs(rk_m["import"]),
-                    secs(rk_m["session"]),
-                    _build_info(bi_rk),
-                    secs(rk_m["import"] + rk_m["session"]),
-                    c.ratio(rk_m["import"] + rk_m["session"], raw_m["import"] + raw_m["session"]),
-                    _busy(rk_m),
-                ],
-                [
-                    m.name,
-                    "onnxruntime CPU session",
-                    secs(mem["ort"]["import"]),
-                    secs(mem["ort"]["session"]),
-                    "",
-                    secs(mem["ort"]["import"] + mem["ort"]["session"]),
-                    "1.00x",
-                    _busy(mem["ort"]),
-                ],
-                [
-                    m.name,
-                    "rkort providers=None",
-                    secs(mem["rkort-cpu"]["import"]),
-                    secs(mem["rkort-cpu"]["session"]),
-                    "",
-                    secs(mem["rkort-cpu"]["import"] + mem["rkort-cpu"]["session"]),
-                    c.ratio(
-                        mem["rkort-cpu"]["import"] + mem["rkort-cpu"]["session"],
-                        mem["ort"]["import"] + mem["ort"]["session"],
-                    ),
-                    _busy(mem["rkort-cpu"]),
-                ],
-            ]
+                    rk_m,
+                    of_which,
+                ),
+                fmt=secs,
+                ratios=(3,),
+            )
+            open_rows += c.pair_rows(
+                [m.name],
+                _open_side("onnxruntime CPU session", mem["ort"], ""),
+                _open_side("rkort providers=None", mem["rkort-cpu"], ""),
+                fmt=secs,
+                ratios=(3,),
+            )
 
     lat_hdr = ["model", "provider", "what", "median ms", "p90 ms", "median ratio", "p90 ratio"]
     sections = [
         f"Per-call latency, {a.calls} timed calls after {a.warmup} warm-up calls per runner, "
-        f"interleaved in {ROUNDS} rounds within one process per pair.",
+        f"interleaved in {c.ROUNDS} rounds within one process per pair.",
         "### RKNN provider (simulator)\n\n" + c.md_table(lat_hdr, lat_rows),
         "### CPU provider\n\n" + c.md_table(lat_hdr, cpu_rows),
     ]
@@ -587,7 +418,9 @@ def main() -> None:
         sections.append(
             "### Where rkort's RKNN per-call time goes\n\nMedians of the same interleaved run, each "
             "row timing rkort one layer further out; 'added' is a difference of medians (noise "
-            "when small or negative).\n\n"
+            "when small or negative). The worker and engine layers are opened on their own "
+            "(a bare `WorkerProcess` and an `RKNNEngine`, each with a simulator worker of its "
+            "own, from the program record the session left), not read out of the session.\n\n"
             + c.md_table(["model", "layer", "median ms", "added ms"], brk_rows)
         )
     sections.append(
@@ -606,6 +439,8 @@ def main() -> None:
             ],
             mem_rows,
         )
+        + "\n\nWorkers: the session's simulator worker processes (children running "
+        "`rkort.toolkit.child serve`), found in the process table."
     )
     sections.append(
         "### Session open time (s), same fresh processes (first import of the runtime + session)\n\n"
@@ -627,23 +462,54 @@ def main() -> None:
     c.publish(NAME, "run_overhead: per-call overhead and memory", sections)
 
 
-def _busy(res: dict) -> str:
-    return f"{res['_others_cpu']:.0%}" if "_others_cpu" in res else "?"
+def _breakdown(m: c.Model, st: dict[str, dict[str, float]]) -> list[list[str]]:
+    rows = []
+    layers = [
+        ("raw `rknn.inference()` in-process", st["raw"]),
+        ("+ IPC: `WorkerProcess.call()` round trip", st["worker"]),
+        ("+ runner/engine: `RKNNEngine.run()`", st["engine"]),
+        ("+ session: `InferenceSession.run()`", st["rkort"]),
+    ]
+    prev = None
+    for what, s in layers:
+        added = "" if prev is None else ms(s["median"] - prev["median"])
+        rows.append([m.name, what, ms(s["median"]), added])
+        prev = s
+    idle = st["raw_idle"]["median"]
+    rows.append(
+        [
+            m.name,
+            f"(reference) raw `rknn.inference()` after {IDLE_GAP * 1e3:.1f} ms idle "
+            "(not back-to-back), call alone timed",
+            ms(idle),
+            ms(idle - st["raw"]["median"]) + " vs raw",
+        ]
+    )
+    rows.append(
+        [
+            m.name,
+            "(reference) echo process, same transport, no toolkit: IPC floor",
+            ms(st["echo"]["median"]),
+            "",
+        ]
+    )
+    return rows
 
 
-def _build_info(info: dict) -> str:
-    parts = [f"segments: {info['segments']}"] if "segments" in info else []
-    if "build_seconds" in info:
-        parts.append(f"worker build {secs(info['build_seconds'])}")
-    if "runtime_seconds" in info:
-        parts.append(f"init_runtime {secs(info['runtime_seconds'])}")
-    return ", ".join(parts)
+def _open_side(what: str, res: dict, of_which: str) -> Side:
+    return Side(
+        what,
+        [res["import"], res["session"], of_which, res["import"] + res["session"]],
+        [c.busy(res)],
+    )
 
-
-ms, secs, mib = c.ms, c.secs, c.mib
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[1:])
-    else:
-        main()
+    c.main(
+        main,
+        {
+            "rknn-latency": child_rknn_latency,
+            "cpu-latency": child_cpu_latency,
+            "memory": child_memory,
+        },
+    )
