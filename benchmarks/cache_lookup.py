@@ -11,20 +11,31 @@ Large model: a BERT-base-sized encoder (hidden 768, 12 layers, random weights, ~
    ONNX file, random bytes) put in the cache with ``get_or_build`` during a planner decision (as
    warmup does): the large model is never built on the simulator.
 3. For the small BERT-like model, full RKNN sessions on the simulator: empty cache against warmed.
+4. Warm open in a board rehearsal (in-process, as tests/rehearsal.py sets it up): both models
+   warmed for real with ``rkort warmup``; rkort's part of opening a session on the warmed cache
+   (everything but the stand-in's ``init_runtime``, which stands for librknnrt's load and is
+   stubbed out) against what rknn-toolkit-lite2's ``RKNNLite()`` + ``load_rknn`` does (read the
+   blob file into memory). ONNX parses and onnxruntime sessions are counted. Once more for the
+   large model with the stand-in's real ``init_runtime``.
+5. Memory of a session the NPU runs whole (the large model, host simulator): RSS of the user
+   process against the model's weight bytes, opened on an empty cache (it records the model's
+   face) and re-opened on that warmed cache (it opens on the face).
 
-    .venv/bin/python benchmarks/cache_lookup.py [--reps 3]
+    .venv/bin/python benchmarks/cache_lookup.py [--reps 3] [--skip-small] [--skip-board]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
@@ -32,6 +43,8 @@ import _common as c  # noqa: E402
 NAME = "cache_lookup"
 FP16_BLOB_FRACTION = 0.52  # measured fp16 blob size / ONNX size (see compile.md)
 WARM_CALLS = 20
+OPEN_CHILDREN = 4  # fresh processes per model for the rehearsed warm open
+OPEN_REPS = 5  # warm opens (and raw loads) per fresh process
 
 
 def _evict(path: Path) -> bool:
@@ -173,8 +186,298 @@ def small_sessions(model: c.Model, tmp: Path) -> dict[str, Any]:
         out[label] = time.perf_counter() - t0
         if sess.get_providers()[0] != "RKNNExecutionProvider":
             raise RuntimeError(f"rkort did not use RKNN: {sess.get_providers()}")
-        getattr(sess, "_close_rknn", lambda: None)()
+        sess = None  # closes its worker
+        gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm opens and memory (children: each in a fresh process)
+
+
+class Counts:
+    """ONNX files parsed (``onnx.load`` and its forms) and onnxruntime sessions created (what
+    each was created from, and how long it took) in this process, from now on."""
+
+    def __init__(self) -> None:
+        import onnx
+        import onnxruntime.capi._pybind_state as C
+
+        self.parses: list[str] = []
+        self.sessions: list[dict[str, Any]] = []
+        counts = self
+        for name in ("load", "load_model", "load_from_string", "load_model_from_string"):
+            original = getattr(onnx, name)
+
+            def parse(*args: Any, _original: Callable[..., Any] = original, **kw: Any) -> Any:
+                what = args[0] if args else kw.get("f", kw.get("s"))
+                counts.parses.append(
+                    f"{len(what)} bytes" if isinstance(what, bytes) else Path(str(what)).name
+                )
+                return _original(*args, **kw)
+
+            setattr(onnx, name, parse)
+
+        class Session(C.InferenceSession):  # type: ignore[misc,name-defined]
+            def __init__(self, options: Any, model: Any, *args: Any) -> None:
+                t = time.perf_counter()
+                super().__init__(options, model, *args)
+                counts.sessions.append(
+                    {
+                        "from": f"{len(model)} bytes"
+                        if isinstance(model, bytes)
+                        else Path(str(model)).name,
+                        "bytes": len(model) if isinstance(model, bytes) else None,
+                        "s": time.perf_counter() - t,
+                    }
+                )
+
+        C.InferenceSession = Session
+
+    def reset(self) -> None:
+        self.parses.clear()
+        self.sessions.clear()
+
+    def whole_model_sessions(self, model: c.Model) -> int:
+        """onnxruntime sessions of the whole model (its file, or bytes of a MiB or more)."""
+        return sum(
+            1 for s in self.sessions if s["from"] == model.path.name or (s["bytes"] or 0) >= 2**20
+        )
+
+
+def _rknn_session(model: c.Model, cache_dir: str) -> Any:
+    import rkort
+
+    sess = rkort.InferenceSession(
+        str(model.path),
+        providers=["RKNNExecutionProvider", "CPUExecutionProvider"],
+        provider_options=[{"cache_dir": cache_dir, "fallback": "0", "progress": "0"}, {}],
+    )
+    if sess.get_providers()[0] != "RKNNExecutionProvider":
+        raise RuntimeError(f"rkort did not use RKNN: {sess.get_providers()}")
+    return sess
+
+
+def child_open_memory(model: c.Model, cache_dir: str) -> dict[str, Any]:
+    """A session of ``model`` on the host simulator, alone in this process: open, one call, then
+    RSS of this process and of its worker, and what was parsed."""
+    counts = Counts()
+    import rkort
+
+    feed = model.feed()
+    with c.Clock() as t:
+        sess = _rknn_session(model, cache_dir)
+    sess.run(None, feed)
+    result = {
+        "open": t.s,
+        **c.memory_now(),
+        "parses": list(counts.parses),
+        "sessions": list(counts.sessions),
+        "whole_model_sessions": counts.whole_model_sessions(model),
+        "stats": rkort.session_stats(sess),
+    }
+    sess = None
+    gc.collect()
+    return result
+
+
+def _rehearsed(
+    model: c.Model, real_init: bool
+) -> tuple[Counts, Any, dict[str, list[float]], Callable[[], None]]:
+    """This process as a rehearsed rk3588 board (tests/rehearsal.py), the stand-in's ``load_rknn``
+    and ``init_runtime`` timed (``init_runtime`` stubbed out unless ``real_init``)."""
+    counts = Counts()
+    import rkort  # noqa: F401 - imported before any timing, on both sides
+    from tests.rehearsal import rehearse_in_process
+
+    board = tempfile.mkdtemp(prefix="rkort-bench-board-", dir=".")
+    rehearsal = rehearse_in_process(c.TARGET, Path(board))
+    rehearsal.__enter__()
+    from rknnlite.api import RKNNLite
+
+    timers: dict[str, list[float]] = {"load_rknn": [], "init_runtime": []}
+    load, init = RKNNLite.load_rknn, RKNNLite.init_runtime
+
+    def timed_load(self: Any, *args: Any, **kw: Any) -> int:
+        t = time.perf_counter()
+        try:
+            return load(self, *args, **kw)
+        finally:
+            timers["load_rknn"].append(time.perf_counter() - t)
+
+    def timed_init(self: Any, *args: Any, **kw: Any) -> int:
+        t = time.perf_counter()
+        try:
+            return init(self, *args, **kw) if real_init else 0
+        finally:
+            timers["init_runtime"].append(time.perf_counter() - t)
+
+    RKNNLite.load_rknn, RKNNLite.init_runtime = timed_load, timed_init
+
+    def leave() -> None:
+        RKNNLite.load_rknn, RKNNLite.init_runtime = load, init
+        rehearsal.__exit__(None, None, None)
+
+    return counts, RKNNLite, timers, leave
+
+
+def child_rehearsal_open(
+    model: c.Model, cache_dir: str, blob: str, reps: int, rkort_first: bool
+) -> dict[str, Any]:
+    """In a rehearsed board: ``reps`` warm opens of a session (init_runtime stubbed out) and raw
+    loads of its blob, alternating; which comes first in this fresh process is ``rkort_first``."""
+    counts, RKNNLite, timers, leave = _rehearsed(model, real_init=False)
+    out: dict[str, list[Any]] = {"rkort": [], "raw": []}
+
+    def rkort_open() -> None:
+        counts.reset()
+        timers["load_rknn"].clear()
+        timers["init_runtime"].clear()
+        with c.Clock() as t:
+            sess = _rknn_session(model, cache_dir)
+        out["rkort"].append(
+            {
+                "total": t.s,
+                "load_rknn": sum(timers["load_rknn"]),
+                "init_runtime": sum(timers["init_runtime"]),
+                "ort": sum(s["s"] for s in counts.sessions),
+                "parses": len(counts.parses),
+                "sessions": [s["from"] for s in counts.sessions],
+                "whole_model_sessions": counts.whole_model_sessions(model),
+                "blobs_loaded": _stats(sess)["blobs_loaded"],
+            }
+        )
         del sess
+        gc.collect()
+
+    def raw_load() -> None:
+        with c.Clock() as t:
+            lite = RKNNLite(verbose=False)
+            if lite.load_rknn(blob) != 0:
+                raise RuntimeError(f"load_rknn({blob}) failed")
+        out["raw"].append({"total": t.s})
+        lite.release()
+        del lite
+        gc.collect()
+
+    order = [rkort_open, raw_load] if rkort_first else [raw_load, rkort_open]
+    for _ in range(reps):
+        for fn in order:
+            fn()
+    leave()
+    return out
+
+
+def child_rehearsal_real(model: c.Model, cache_dir: str) -> dict[str, Any]:
+    """One warm open in a rehearsed board with the stand-in's real init_runtime (the simulator
+    builds the model again in a worker), one call, and the cosine to onnxruntime's output."""
+    counts, _, timers, leave = _rehearsed(model, real_init=True)
+    feed = model.feed()
+    with c.Clock() as t:
+        sess = _rknn_session(model, cache_dir)
+    out = sess.run(None, feed)[0]
+    result = {
+        "total": t.s,
+        "load_rknn": sum(timers["load_rknn"]),
+        "init_runtime": sum(timers["init_runtime"]),
+        "parses": len(counts.parses),
+        "whole_model_sessions": counts.whole_model_sessions(model),
+        "stats": _stats(sess),
+    }
+    sess = None
+    gc.collect()
+    leave()
+    import onnxruntime
+
+    ref = onnxruntime.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    result["cosine"] = c.cosine(out, ref.run(None, feed)[0])
+    return result
+
+
+def _stats(sess: Any) -> dict[str, Any]:
+    import rkort
+
+    return rkort.session_stats(sess)
+
+
+def warmup(model: c.Model, cache_dir: Path, log_path: Path) -> tuple[float, Path]:
+    """``rkort warmup`` of ``model`` into ``cache_dir`` (a child process); its time and blob."""
+    with open(log_path, "ab") as logf, c.Clock() as t:
+        subprocess.run(
+            [sys.executable, "-m", "rkort", "warmup", str(model.path), "--target", c.TARGET]
+            + ["--cache-dir", str(cache_dir), "-q"],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+    import json
+
+    for meta in cache_dir.glob("v1/*/*/meta.json"):
+        if Path(json.loads(meta.read_text())["model"]) == model.path:
+            return t.s, meta.parent / "model.rknn"
+    raise RuntimeError(f"rkort warmup left no blob of {model.path.name} in {cache_dir}")
+
+
+def weight_bytes(model: c.Model) -> int:
+    """Bytes of the model's initializers (its weights)."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(model.path), load_external_data=False)
+    total = 0
+    for t in proto.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def board_opens(
+    models: list[c.Model], tmp: Path, log_path: Path, real_init: bool
+) -> dict[str, Any]:
+    me = Path(__file__).resolve()
+    out: dict[str, Any] = {}
+    for m in models:
+        cache = tmp / f"warmed-{m.path.stem}"
+        c.log(f"rkort warmup {m.path.name} (a real build) ...")
+        took, blob = warmup(m, cache, log_path)
+        # A board's cache was written a while before it opens: a file changed in the last 2 s
+        # is "racily clean" and hashed again rather than trusted to its memo.
+        _wait_out_racy_window(blob, 3.0)
+        runs = []
+        for i in range(OPEN_CHILDREN):
+            c.log(f"{m.name}: rehearsed warm opens and raw loads, fresh process {i + 1} ...")
+            runs.append(
+                c.run_child(
+                    me,
+                    "rehearsal-open",
+                    log_path,
+                    model=m,
+                    cache_dir=str(cache),
+                    blob=str(blob),
+                    reps=OPEN_REPS,
+                    rkort_first=i % 2 == 0,
+                )
+            )
+        real = None
+        if real_init and m is models[-1]:
+            c.log(f"{m.name}: one rehearsed warm open with the stand-in's real init_runtime ...")
+            real = c.run_child(me, "rehearsal-real", log_path, model=m, cache_dir=str(cache))
+        out[m.name] = {"warmup": took, "blob": blob.stat().st_size, "runs": runs, "real": real}
+    return out
+
+
+def host_memory(model: c.Model, tmp: Path, log_path: Path) -> dict[str, Any]:
+    me = Path(__file__).resolve()
+    cache = tmp / "memory-cache"
+    out = {}
+    for label in ("empty cache", "warmed cache"):
+        c.log(f"{model.name}: RKNN session on the host simulator, {label}, alone ...")
+        out[label] = c.run_child(
+            me, "open-memory", log_path, timeout=1800, model=model, cache_dir=str(cache)
+        )
     return out
 
 
@@ -182,6 +485,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--skip-small", action="store_true", help="skip the simulator sessions")
+    p.add_argument(
+        "--skip-board", action="store_true", help="skip the warm opens in a board rehearsal"
+    )
+    p.add_argument(
+        "--skip-real-init",
+        action="store_true",
+        help="skip the rehearsed open with the stand-in's real init_runtime (a ~40 s rebuild)",
+    )
+    p.add_argument(
+        "--skip-memory", action="store_true", help="skip the large model's session memory"
+    )
     a = p.parse_args()
     med = statistics.median
     with tempfile.TemporaryDirectory(prefix="rkort-bench-") as tmpdir:
@@ -198,6 +512,14 @@ def main() -> None:
         if not a.skip_small:
             c.log(f"full RKNN sessions of {small.name}: empty cache, then warmed ...")
             s = small_sessions(small, tmp)
+        logfile = tmp / "children.log"
+        board = None
+        if not a.skip_board:
+            board = board_opens([small, large], tmp, logfile, not a.skip_real_init)
+        memory = None
+        weights = weight_bytes(large)
+        if not a.skip_memory:
+            memory = host_memory(large, tmp, logfile)
 
     mb = large.size / 2**20
     cd, cm, w = med(h["cold_disk"]), med(h["cold_mem"]), med(h["warm"])
@@ -298,8 +620,195 @@ def main() -> None:
             + "\n\nOn a host the simulator only runs what it built in the same process, so a "
             "warmed cache cannot skip the build here; it serves `rkort warmup` and boards."
         )
+    if board is not None:
+        sections += _board_sections(board, [small, large])
+    if memory is not None:
+        sections.append(_memory_section(memory, large, weights))
     c.publish(NAME, "cache_lookup: finding a compiled blob for a large model", sections)
 
 
+def _board_sections(board: dict[str, Any], models: list[c.Model]) -> list[str]:
+    med = statistics.median
+    rows, parts_rows, read_rows, real_rows = [], [], [], []
+    for m in models:
+        b = board[m.name]
+        runs = b["runs"]
+        first = {k: med(r[k][0]["total"] for r in runs) for k in ("raw", "rkort")}
+        again = {k: med(x["total"] for r in runs for x in r[k][1:]) for k in ("raw", "rkort")}
+        rk = [x for r in runs for x in r["rkort"]]
+        rk_first = [r["rkort"][0] for r in runs]
+        label = f"{m.name} ({c.mib(m.size)} MiB ONNX, {c.mib(b['blob'])} MiB blob)"
+        rows += c.pair_rows(
+            [label],
+            c.Side(
+                "rknn-toolkit-lite2: `RKNNLite()` + `load_rknn()` (reads the blob)",
+                [first["raw"], again["raw"]],
+            ),
+            c.Side(
+                "rkort: session open on the warmed cache, all but `init_runtime`",
+                [first["rkort"], again["rkort"]],
+            ),
+        )
+
+        def part(key: str, xs: list[dict[str, Any]]) -> float:
+            return med(x[key] for x in xs)
+
+        def rest(xs: list[dict[str, Any]]) -> float:
+            return med(x["total"] - x["load_rknn"] - x["ort"] for x in xs)
+
+        for what, f, r in [
+            (
+                "`load_rknn()` inside rkort's open (the blob read)",
+                part("load_rknn", rk_first),
+                part("load_rknn", rk),
+            ),
+            ("onnxruntime session on the model's face", part("ort", rk_first), part("ort", rk)),
+            (
+                "the rest: model hash memo, face and program records, blob verification memo, "
+                "planner, engine",
+                rest(rk_first),
+                rest(rk),
+            ),
+        ]:
+            parts_rows.append([m.name, what, c.ms(f), c.ms(r)])
+        sessions = sorted({", ".join(x["sessions"]) for x in rk})
+        read_rows.append(
+            [
+                m.name,
+                c.mib(m.size),
+                str(max(x["parses"] for x in rk)),
+                "; ".join(sessions) or "none",
+                str(max(x["whole_model_sessions"] for x in rk)),
+                str(max(x["blobs_loaded"] for x in rk)),
+                c.ms(med(x["total"] - x["load_rknn"] for x in rk)),
+                c.secs(b["warmup"]),
+            ]
+        )
+        real = b.get("real")
+        if real is not None:
+            real_rows.append(
+                [
+                    m.name,
+                    c.secs(real["total"]),
+                    c.secs(real["init_runtime"]),
+                    c.ms(real["total"] - real["init_runtime"]),
+                    c.ms(real["load_rknn"]),
+                    str(real["parses"]),
+                    str(real["whole_model_sessions"]),
+                    f"{real['stats']['npu_calls']} NPU, {real['stats']['cpu_calls']} CPU",
+                    f"{real['cosine']:.6f}",
+                    c.busy(real),
+                ]
+            )
+    busy = ", ".join(
+        f"{m.name}: " + "/".join(c.busy(r) for r in board[m.name]["runs"]) for m in models
+    )
+    out = [
+        f"### Warm open in a board rehearsal ({c.TARGET}, in-process), blobs built by "
+        "`rkort warmup`\n\n"
+        f"{OPEN_CHILDREN} fresh processes per model, each with {OPEN_REPS} session opens and "
+        f"{OPEN_REPS} raw loads alternating (which comes first alternates between processes); "
+        "`rkort` and `rknnlite` imported before any timing; blobs in the page cache. The "
+        "stand-in's `init_runtime` (it stands for librknnrt's load, the same on both sides) is "
+        "stubbed out: what is timed is rkort's part of the open. 'first': the first of each in "
+        "a fresh process (median over the processes); 'again': the others (median).\n\n"
+        + c.md_table(["model", "what", "first ms", "again ms", "first ratio", "again ratio"], rows)
+        + f"\n\nOther work's CPU share during each process: {busy}.",
+        "### Where rkort's warm open goes (medians, ms)\n\n"
+        + c.md_table(["model", "part", "first ms", "again ms"], parts_rows),
+        "### What a warm open reads\n\n"
+        + c.md_table(
+            [
+                "model",
+                "ONNX MiB",
+                "ONNX parses (`onnx.load`...)",
+                "onnxruntime sessions created, from",
+                "whole-model onnxruntime sessions",
+                "blobs loaded",
+                "open minus the blob read, ms",
+                "`rkort warmup` s",
+            ],
+            read_rows,
+        )
+        + "\n\nThe ONNX file is not parsed: onnxruntime loads the model's face (a few hundred "
+        "bytes: its inputs, outputs and metadata) instead of the model, and what is left besides "
+        "the blob read does not grow with the model's size.",
+    ]
+    if real_rows:
+        out.append(
+            "### The same warm open with the stand-in's real `init_runtime`\n\n"
+            + c.md_table(
+                [
+                    "model",
+                    "open s",
+                    "`init_runtime` s (stand-in: the simulator rebuilds the model)",
+                    "rkort's part ms",
+                    "`load_rknn` ms",
+                    "ONNX parses",
+                    "whole-model onnxruntime sessions",
+                    "calls",
+                    "cosine to onnxruntime",
+                    "others' CPU",
+                ],
+                real_rows,
+            )
+            + "\n\nOn a board `init_runtime` is librknnrt loading the blob onto the NPU (not "
+            "measured here); the stand-in instead has the simulator build the model again."
+        )
+    return out
+
+
+def _memory_section(memory: dict[str, Any], model: c.Model, weights: int) -> str:
+    rows = []
+    for label, r in memory.items():
+        sessions = ", ".join(s["from"] for s in r["sessions"]) or "none"
+        rows.append(
+            [
+                label,
+                c.secs(r["open"]),
+                c.mib(r["rss"]),
+                f"{r['rss'] / weights:.2f}x",
+                c.mib(r["peak"]),
+                f"{r['peak'] / weights:.2f}x",
+                c.mib(r["worker_rss"] or 0),
+                str(len(r["parses"])),
+                sessions,
+                str(r["whole_model_sessions"]),
+                c.busy(r),
+            ]
+        )
+    return (
+        f"### Memory of a session the NPU runs whole: {model.name}, "
+        f"{c.mib(weights)} MiB of weights, host simulator\n\n"
+        "Each open alone in a fresh process, then one call; the user process's RSS (current, "
+        "and its peak VmHWM) against the model's weight bytes. The blob lives in the simulator "
+        "worker. The first open (an empty cache) plans from the parsed model and records its "
+        "face; the second opens on that face.\n\n"
+        + c.md_table(
+            [
+                "opened on",
+                "open s",
+                "user RSS MiB",
+                "RSS / weights",
+                "user peak MiB",
+                "peak / weights",
+                "worker RSS MiB",
+                "ONNX parses (user process)",
+                "onnxruntime sessions, from",
+                "whole-model onnxruntime sessions",
+                "others' CPU",
+            ],
+            rows,
+        )
+    )
+
+
 if __name__ == "__main__":
-    main()
+    c.main(
+        main,
+        {
+            "open-memory": child_open_memory,
+            "rehearsal-open": child_rehearsal_open,
+            "rehearsal-real": child_rehearsal_real,
+        },
+    )

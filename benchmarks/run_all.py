@@ -1,8 +1,8 @@
-"""Run every benchmark once, sharing one set of locally built models; about 4-6 minutes on a
+"""Run every benchmark once, sharing one set of locally built models; about 15 minutes on a
 2-core host. Each benchmark prints its table and writes it to benchmarks/results/<name>.md; this
 script also writes benchmarks/results/ALL.md (the latest table of each, in order).
 
-    .venv/bin/python benchmarks/run_all.py [--only run_overhead compile cache_lookup placement buckets]
+    .venv/bin/python benchmarks/run_all.py [--only run_overhead throughput compile cache_lookup placement buckets]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-BENCHMARKS = ("run_overhead", "compile", "cache_lookup", "placement", "buckets")
+BENCHMARKS = ("run_overhead", "throughput", "compile", "cache_lookup", "placement", "buckets")
 
 
 def main() -> int:
