@@ -1,8 +1,10 @@
 """Opening a program's NPU parts: built through the cache where a converter is at hand, loaded
-from the cache where not (a board), each blob's entry recording what it was built from."""
+from the cache where not (a board), each blob's entry recording what it was built from (a
+quantized part by :mod:`rkort.quantbuild`'s ladder, with the figures it measured)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -10,14 +12,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import backends
 from .backends import Backend
 from .backends.base import Opening, Runner
 from .cache import Entry
+from .calibsets import part_set
 from .compiler import compile_blob
 from .decision import Decision, Part
 from .options import RKNNOptions
 from .planner import Planner
 from .platform import cores_of, toolkit_lite_version, toolkit_version
+from .quantbuild import Opener, built_spec, trusted_build
 from .spec import BuildSpec, build_recipe
 from .stats import SessionStats
 
@@ -72,6 +77,41 @@ def blob_meta(
     return meta
 
 
+def build_blob(
+    planner: Planner,
+    part: Part,
+    signature: Any,
+    dest: Path,
+    progress: bool | None = None,
+    open_runner: Opener | None = None,
+) -> tuple[Runner | None, dict[str, Any]]:
+    """Build the blob of an NPU part at ``dest``, and the metadata its cache entry adds.
+
+    A float part is one compile. A quantized part goes up :mod:`rkort.quantbuild`'s ladder,
+    measured with ``open_runner`` (default: the host simulator where there is one; the runner
+    of the shipped build is returned open, else None)."""
+    spec = part.spec
+    assert spec is not None
+    if not spec.quantized_dtype:
+        if open_runner is not None:
+            return open_runner(spec, dest), {}
+        return None, compile_blob(spec, dest, progress=progress)
+    if open_runner is None:
+        simulator = backends.get("simulator")
+        if simulator.available():
+            open_runner = _opener(simulator, progress)
+    runner, built, extra = trusted_build(
+        planner,
+        part,
+        signature,
+        dest,
+        open_runner,
+        lambda s, d: compile_blob(s, d, progress=progress),
+    )
+    extra["source"] = blob_meta(planner, built, part, signature)["source"]
+    return runner, extra
+
+
 def compile_to_cache(
     planner: Planner,
     decision: Decision,
@@ -81,12 +121,20 @@ def compile_to_cache(
     """Make sure the blob of an NPU part is in the cache; True when this call compiled it."""
     assert part.spec is not None and part.key is not None
     planner.ensure_file(decision, part)
-    spec = part.spec
+
+    def build(dest: Path) -> dict[str, Any]:
+        runner, extra = build_blob(planner, part, decision.signature, dest, progress)
+        if runner is not None:
+            runner.close()
+        return extra
+
     return planner.cache.get_or_build(
-        part.key,
-        lambda dest: compile_blob(spec, dest, progress=progress),
-        blob_meta(planner, spec, part, decision.signature),
+        part.key, build, blob_meta(planner, part.spec, part, decision.signature)
     )
+
+
+def _opener(backend: Backend, progress: bool | None) -> Opener:
+    return lambda spec, dest: backend.open(Opening(spec, export_to=dest, progress=progress))
 
 
 class PartOpener:
@@ -121,18 +169,30 @@ class PartOpener:
             built: list[Runner] = []
 
             def build(dest: Path) -> dict[str, Any]:
-                built.append(self.backend.open(Opening(spec, export_to=dest, progress=progress)))
-                return {}
+                runner, extra = build_blob(
+                    self.planner, part, signature, dest, progress, _opener(self.backend, progress)
+                )
+                assert runner is not None
+                built.append(runner)
+                return extra
 
             entry, made = self.cache.get_or_build(part.key, build, meta)
             self._count(entry, made, spec)
             _discard_ephemeral(entry)
-            runner = built[0] if built else self.backend.open(Opening(spec, progress=progress))
+            if not built:
+                shipped = self._as_built(entry, part, signature)
+                built.append(self.backend.open(Opening(shipped, progress=progress)))
+            runner = built[0]
             runner.memory = entry.size
             return runner
-        entry, made = self.cache.get_or_build(
-            part.key, lambda dest: compile_blob(spec, dest, progress=progress), meta
-        )
+
+        def compile_only(dest: Path) -> dict[str, Any]:
+            runner, extra = build_blob(self.planner, part, signature, dest, progress)
+            if runner is not None:
+                runner.close()
+            return extra
+
+        entry, made = self.cache.get_or_build(part.key, compile_only, meta)
         self._count(entry, made, spec)
         try:
             return self._load(spec, entry, core_mask)
@@ -154,6 +214,20 @@ class PartOpener:
                 )
         self.planner.ensure_file(decision, part)
         return self.build(part, decision.signature, core_mask)
+
+    def _as_built(self, entry: Entry, part: Part, signature: Any) -> BuildSpec:
+        """What the cached blob of a quantized part was built from (the ladder may have shipped
+        a hybrid or float16 build), to build it again here; its calibration set is made again
+        when it is gone."""
+        assert part.spec is not None
+        if not part.spec.quantized_dtype:
+            return part.spec
+        spec = built_spec(entry.meta, part.spec)
+        if spec.quantized_dtype and not (spec.dataset and Path(spec.dataset).is_file()):
+            spec = dataclasses.replace(
+                spec, dataset=str(part_set(self.planner, signature, part).dataset)
+            )
+        return spec
 
     def _load(self, spec: BuildSpec, entry: Entry, core_mask: int | None) -> Runner:
         opening = Opening(spec, blob=entry.blob_path, options=self.options, core_mask=core_mask)

@@ -102,30 +102,43 @@ class Planner:
 
     @cached_property
     def build_config(self) -> dict[str, Any]:
-        """The BuildSpec fields every blob of this planner shares."""
+        """The BuildSpec fields every blob of this planner shares. A quantized build names its
+        calibration data by a digest of its content; each part gets a dataset file of its own
+        when it is built (:mod:`rkort.calibsets`), so a trial build has none (it is built in
+        float16: it only asks whether the converter takes the graph)."""
         o = self.options
-        return {
+        config: dict[str, Any] = {
             "target": o.target,
             "quantized_dtype": o.quantized_dtype,
-            "dataset": o.dataset,
+            "dataset": None if o.quantized_dtype else o.dataset,
             "optimization_level": o.optimization_level,
         }
+        if o.quantized_dtype:
+            from .calibration import source_digest
+
+            config["quant_algorithm"] = o.quant_algorithm
+            config["quant_method"] = o.quant_method
+            config["calibration"] = source_digest(o, self.cache, lambda: self.model_hash)
+            config["min_cosine"] = o.min_cosine
+        return config
 
     @cached_property
     def config_digest(self) -> str:
         """Everything but the signature that decides what a program is and what its blobs hold."""
         c = self.build_config
-        return make_key(
-            {
-                "kind": "program-config",
-                "planner": PLANNER_VERSION,
-                "target": c["target"],
-                "quantized_dtype": c["quantized_dtype"],
-                "dataset": dataset_digest(c["dataset"]) if c["quantized_dtype"] else None,
-                "optimization_level": c["optimization_level"],
-                "force_cpu": sorted(self.force_cpu),
-            }
-        )
+        parts = {
+            "kind": "program-config",
+            "planner": PLANNER_VERSION,
+            "target": c["target"],
+            "quantized_dtype": c["quantized_dtype"],
+            "dataset": dataset_digest(c["dataset"]) if c["quantized_dtype"] else None,
+            "optimization_level": c["optimization_level"],
+            "force_cpu": sorted(self.force_cpu),
+        }
+        if c["quantized_dtype"]:
+            quantization = ("quant_algorithm", "quant_method", "calibration", "min_cosine")
+            parts["quantization"] = {k: c[k] for k in quantization}
+        return make_key(parts)
 
     def record_key(self, signature: Mapping[str, Sequence[int]]) -> str:
         return make_key(

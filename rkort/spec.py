@@ -22,6 +22,21 @@ _RECIPE_VERSION = 1
 
 _QUANTIZED_DTYPES = ("w8a8", "w8a16", "w16a16i_dfp", "w4a16")
 
+#: The targets rknn-toolkit2 2.5.0 takes each quantized dtype for (None: every target); its
+#: config() refuses the others (``The quantized_dtype = 'w8a16' not support in 'rk3588'!``).
+QUANTIZED_TARGETS: dict[str, tuple[str, ...] | None] = {
+    "w8a8": None,
+    "w16a16i_dfp": None,
+    "w8a16": ("rk3562",),
+    "w4a16": ("rk3576", "rv1126b"),
+}
+_ALGORITHMS = ("normal", "mmse", "kl_divergence")
+_METHODS = ("channel", "layer")
+#: ``hybrid``: "auto", the toolkit's automatic hybrid quantization (``build(auto_hybrid=True)``);
+#: "layers", the layers ``float_layers`` names kept in float16 (``hybrid_quantization_step2``),
+#: chosen by the toolkit's per-layer accuracy analysis when none are named.
+_HYBRIDS = ("auto", "layers")
+
 
 _FLOAT_DTYPES = ("float16",)
 
@@ -39,6 +54,12 @@ class CompileError(Exception):
         super().__init__(message)
         self.stage = stage
         self.toolkit_errors = toolkit_errors
+
+
+class CalibrationError(CompileError):
+    """The calibration data cannot calibrate this build: none recorded, none that fits the shape
+    being built, or feeds that are not the model's inputs (a problem of the data, not of the
+    graph: no node is blamed for it)."""
 
 
 class ToolkitNotInstalled(CompileError):
@@ -76,6 +97,18 @@ class BuildSpec:
     #: Extra static input-shape sets compiled into the same blob (the toolkit's ``dynamic_input``);
     #: empty for a single-shape blob. ``input_shapes`` is always one of them.
     dynamic_input: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    #: The toolkit's quantized_algorithm and quantized_method (quantized builds).
+    quant_algorithm: str = "normal"
+    quant_method: str = "channel"
+    #: A digest of the calibration data rkort calibrates each part from (None: the toolkit's
+    #: ``dataset`` file is the calibration, as given); a part's own dataset file is attached as
+    #: ``dataset`` when it is built.
+    calibration: str | None = None
+    #: Below this cosine to onnxruntime a quantized build is replaced (hybrid, then fp16).
+    min_cosine: float | None = None
+    #: What was built when the plain quantized build fell short (see _HYBRIDS); float16 layers.
+    hybrid: str | None = None
+    float_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalize list forms so the spec hashes and compares by value.
@@ -94,6 +127,7 @@ class BuildSpec:
             ),
         )
         object.__setattr__(self, "target", self.target.lower())
+        object.__setattr__(self, "float_layers", tuple(str(x) for x in self.float_layers))
         if not (len(self.input_names) == len(self.input_shapes) == len(self.input_dtypes)):
             raise ValueError(
                 "BuildSpec: input_names, input_shapes and input_dtypes differ in length"
@@ -117,8 +151,18 @@ class BuildSpec:
                     f"BuildSpec: quantized_dtype {self.quantized_dtype!r} is not one of "
                     f"{list(_QUANTIZED_DTYPES)}"
                 )
-            if not self.dataset:
+            if not (self.dataset or self.calibration):
                 raise ValueError("BuildSpec: a quantized build needs a calibration dataset file")
+            refusal = dtype_refusal(self.quantized_dtype, self.target)
+            if refusal:
+                raise ValueError(f"BuildSpec: {refusal}")
+            if self.quant_algorithm not in _ALGORITHMS or self.quant_method not in _METHODS:
+                raise ValueError(
+                    f"BuildSpec: quant_algorithm must be one of {list(_ALGORITHMS)} and "
+                    f"quant_method one of {list(_METHODS)}"
+                )
+            if self.hybrid is not None and self.hybrid not in _HYBRIDS:
+                raise ValueError(f"BuildSpec: hybrid must be None or one of {list(_HYBRIDS)}")
 
     @property
     def model_name(self) -> str:
@@ -127,9 +171,10 @@ class BuildSpec:
     def key_parts(self) -> dict[str, Any]:
         """What changes the blob, except the model's content and the toolkit version.
 
-        The calibration dataset counts by content (its file and every sample it lists).
+        The calibration dataset counts by content (its file and every sample it lists), and so
+        does the calibration data of a quantized build (its digest), with how it is quantized.
         """
-        return {
+        parts = {
             "recipe": _RECIPE_VERSION,
             "inputs": [
                 [n, list(s), d]
@@ -145,6 +190,22 @@ class BuildSpec:
             "dataset": dataset_digest(self.dataset) if self.quantized_dtype else None,
             "optimization_level": self.optimization_level,
             "dynamic_input": [[list(shape) for shape in group] for group in self.dynamic_input],
+        }
+        if self.quantized_dtype:
+            parts["quantization"] = self.quantization()
+        return parts
+
+    def quantization(self) -> dict[str, Any]:
+        """How a quantized build is calibrated and checked (JSON data; {} for a float build)."""
+        if not self.quantized_dtype:
+            return {}
+        return {
+            "quant_algorithm": self.quant_algorithm,
+            "quant_method": self.quant_method,
+            "calibration": self.calibration,
+            "min_cosine": self.min_cosine,
+            "hybrid": self.hybrid,
+            "float_layers": list(self.float_layers),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -162,7 +223,11 @@ class BuildSpec:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], model_path: str, **config: Any) -> BuildSpec:
         """The spec :meth:`to_json` gave, for ``model_path`` and the build ``config``
-        (target, dtypes, dataset, optimization level)."""
+        (target, dtypes, dataset, optimization level); how a quantized build was calibrated
+        comes from ``config``, else from ``data`` (a blob's recipe holds it)."""
+        for name, value in dict(data.get("quantization") or {}).items():
+            if name in _QUANT_FIELDS and name not in config:
+                config[name] = tuple(value) if name == "float_layers" else value
         return cls(
             model_path=model_path,
             input_names=tuple(data["input_names"]),
@@ -174,6 +239,26 @@ class BuildSpec:
             dynamic_input=tuple(data.get("dynamic_input", ())),
             **config,
         )
+
+
+_QUANT_FIELDS = (
+    "quant_algorithm",
+    "quant_method",
+    "calibration",
+    "min_cosine",
+    "hybrid",
+    "float_layers",
+)
+
+
+def dtype_refusal(dtype: str, target: str) -> str | None:
+    """Why rknn-toolkit2 refuses the quantized ``dtype`` for ``target`` (None: it takes it)."""
+    if dtype not in QUANTIZED_TARGETS:
+        return f"quantized dtype {dtype!r} is not one of {list(QUANTIZED_TARGETS)}"
+    targets = QUANTIZED_TARGETS[dtype]
+    if targets is not None and target.lower() not in targets:
+        return f"{dtype} is for {', '.join(targets)} only, not {target}"
+    return None
 
 
 def dataset_samples(dataset: str) -> list[list[str]]:
@@ -245,6 +330,7 @@ def build_recipe(
             "quantized_dtype": spec.quantized_dtype,
             "dataset": spec.dataset,
             "optimization_level": spec.optimization_level,
+            "quantization": spec.quantization(),
         },
         "kind": kind,
         "model": model,

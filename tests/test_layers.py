@@ -17,7 +17,7 @@ LAYERS: list[list[str]] = [
     ["rkort.version", "rkort.errors", "rkort.files", "rkort.platform", "rkort.blobinfo"],
     ["rkort.rehearsal", "rkort.rehearsal.report"],
     ["rkort.stats"],
-    ["rkort.options", "rkort.feed", "rkort.profiling"],
+    ["rkort.options", "rkort.feed", "rkort.profiling", "rkort.accuracy"],
     # 1 load
     ["rkort.model"],
     # 2 plan: graph facts, rules, segments, cost, the plan
@@ -33,7 +33,7 @@ LAYERS: list[list[str]] = [
     ["rkort.hints"],
     # 4 compile
     ["rkort.spec"],
-    ["rkort.toolkit.protocol", "rkort.toolkit.console"],
+    ["rkort.toolkit.protocol", "rkort.toolkit.console", "rkort.toolkit.hybrid"],
     ["rkort.toolkit.process", "rkort.toolkit.child"],
     ["rkort.toolkit"],
     ["rkort.compiler"],
@@ -60,6 +60,8 @@ LAYERS: list[list[str]] = [
     ["rkort.partspec"],
     ["rkort.decision"],
     ["rkort.planner"],
+    ["rkort.calibsets"],
+    ["rkort.quantbuild"],
     ["rkort.program", "rkort.parts"],
     ["rkort.multishape"],
     ["rkort.engine"],
@@ -85,6 +87,7 @@ LAYERS: list[list[str]] = [
         "rkort.cli.buckets",
     ],
     ["rkort.cli.warmup"],
+    ["rkort.cli.check"],
     ["rkort.cli"],
     ["rkort.demo", "rkort.__main__"],
 ]

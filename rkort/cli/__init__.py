@@ -12,11 +12,12 @@ from ..cache import CacheError
 from ..version import __version__
 from .buckets import add_buckets_parser
 from .cache_cmd import cmd_cache
+from .check import add_check_parser
 from .common import UsageError, parse_age, parse_shape, parse_size
 from .env import cmd_env
 from .inspect import cmd_inspect
 from .run import add_run_parser
-from .warmup import add_traffic_flags, cmd_warmup
+from .warmup import add_calibration_flags, add_traffic_flags, cmd_warmup
 
 __all__ = ["UsageError", "build_parser", "main", "parse_age", "parse_shape", "parse_size"]
 
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--dtype",
         default="fp16",
-        help="fp16 (default), or w8a8/w8a16/w16a16i_dfp/w4a16 with --dataset",
+        help="fp16 (default), or w8a8/w8a16/w16a16i_dfp/w4a16 with --calibration, "
+        "--calibration-text or --dataset",
     )
     w.add_argument(
         "--buckets",
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--cache-dir", help="default: $RKORT_CACHE_DIR or the user cache dir")
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_traffic_flags(w)
+    add_calibration_flags(w)
     w.set_defaults(func=cmd_warmup)
 
     c = sub.add_parser(
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub)
     add_buckets_parser(sub)
+    add_check_parser(sub)
     i = sub.add_parser(
         "inspect",
         help="which node of a model runs where (NPU or CPU) and why, before anything runs",

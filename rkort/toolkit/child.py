@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from ..spec import data_formats
+from .hybrid import analyse, layered_build
 from .protocol import DATASET_NAME, PARENT_ENV, WORKDIR_PREFIX
 
 
@@ -94,7 +96,7 @@ def _work(conn: Connection, mode: str) -> int:
         if runtime and runtime.get("blob"):
             info = _load_blob(child, rknn, runtime["blob"])
         else:
-            info = _build(child, rknn, request)
+            info, rknn = _build(child, rknn, request)
         info["toolkit_version"] = version
         if mode == "compile":
             conn.send(("done", info))
@@ -120,7 +122,9 @@ def _work(conn: Connection, mode: str) -> int:
     return 0
 
 
-def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> dict[str, Any]:
+def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Build what the request asks (float, quantized, or a hybrid of both) and export it;
+    returns what to report and the RKNN object holding the build."""
     started = time.monotonic()
     child.enter("configuring")
     config: dict[str, Any] = {
@@ -128,8 +132,11 @@ def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> dict[str, Any]:
         "float_dtype": request["float_dtype"],
         "optimization_level": request["optimization_level"],
     }
-    if request["quantized_dtype"]:
-        config["quantized_dtype"] = request["quantized_dtype"]
+    quantized = request["quantized_dtype"]
+    if quantized:
+        config["quantized_dtype"] = quantized
+        config["quantized_algorithm"] = request.get("quantized_algorithm") or "normal"
+        config["quantized_method"] = request.get("quantized_method") or "channel"
     if request.get("dynamic_input"):
         config["dynamic_input"] = request["dynamic_input"]
     child.check("config()", rknn.config, **config)
@@ -144,20 +151,50 @@ def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> dict[str, Any]:
     )
     child.enter("building")
     dataset = None
-    if request["quantized_dtype"]:
+    samples = request.get("dataset") or []
+    if quantized:
         dataset = os.path.abspath(DATASET_NAME)
         with open(dataset, "w") as f:
-            f.writelines(" ".join(sample) + "\n" for sample in request["dataset"])
-    child.check(
-        "build()", rknn.build, do_quantization=bool(request["quantized_dtype"]), dataset=dataset
-    )
+            f.writelines(" ".join(sample) + "\n" for sample in samples)
     info: dict[str, Any] = {"blob": None}
+    if quantized and request.get("hybrid") == "layers":
+
+        def fresh() -> Any:
+            from rknn.api import RKNN
+
+            made = child.check("RKNN()", RKNN, verbose=False)
+            child.check("config()", made.config, **config)
+            return made
+
+        rknn, info["float_layers"] = layered_build(
+            child.check,
+            fresh,
+            rknn,
+            dataset or "",
+            samples,
+            request.get("float_layers") or [],
+            request.get("hybrid_layer_cosine") or (0.999,),
+            int(request.get("hybrid_rounds") or 3),
+            request.get("min_cosine"),
+            request["output_names"],
+        )
+    else:
+        child.check(
+            "build()",
+            rknn.build,
+            do_quantization=bool(quantized),
+            dataset=dataset,
+            auto_hybrid=bool(quantized) and request.get("hybrid") == "auto",
+        )
+    if request.get("analyse"):
+        child.enter("analysing")
+        info["layers"] = analyse(child.check, rknn, request["analyse"], Path("analysis").resolve())
     if request["export"]:
         child.enter("exporting")
         child.check("export_rknn()", rknn.export_rknn, os.path.abspath(request["export"]))
         info["blob"] = request["export"]
     info["build_seconds"] = time.monotonic() - started
-    return info
+    return info, rknn
 
 
 def _load_blob(child: _Child, rknn: Any, blob: str) -> dict[str, Any]:

@@ -24,14 +24,32 @@ PARENT_ENV = "RKORT_WORKER_PARENT"
 CHILD_MODULE = "rkort.toolkit.child"
 
 
+#: Layers of a hybrid build whose single-layer cosine (the toolkit's accuracy analysis, against
+#: its float model) is below the first of these stay in float16 (below the next one when none is
+#: below it); the analysis is repeated on the new build, at most this many rounds (a float16
+#: neighbour changes what a layer's int8 input loses), until the outputs reach min_cosine.
+HYBRID_LAYER_COSINE = (0.999, 0.9995, 0.9999)
+HYBRID_ROUNDS = 4
+
+
 def build_request(
-    spec: BuildSpec, *, export: bool, runtime: dict[str, Any] | None = None
+    spec: BuildSpec,
+    *,
+    export: bool,
+    runtime: dict[str, Any] | None = None,
+    analyse: list[list[str]] | None = None,
 ) -> dict[str, Any]:
     """The first message to a worker: what to build (paths made absolute) and what to do after.
 
     ``runtime`` None: build (and export) only. ``{"target": None}``: build, then start the
     simulator. ``{"blob": path, "target": t, "device_id": d}``: load a blob and run it on a board.
+    ``analyse``: samples (.npy paths, one per input) for the toolkit's per-layer accuracy
+    analysis of the build, reported as ``info["layers"]``.
+
+    A quantized spec without its calibration set attached (a trial build, which only asks
+    whether the converter takes the graph) is built in float16.
     """
+    quantized = spec.quantized_dtype if spec.dataset else None
     return {
         "model_path": os.path.abspath(spec.model_path),
         "input_names": list(spec.input_names),
@@ -40,8 +58,16 @@ def build_request(
         "output_shapes": [list(s) for s in spec.output_shapes],
         "target": spec.target,
         "float_dtype": spec.float_dtype,
-        "quantized_dtype": spec.quantized_dtype,
-        "dataset": dataset_samples(spec.dataset) if spec.quantized_dtype and spec.dataset else None,
+        "quantized_dtype": quantized,
+        "dataset": dataset_samples(spec.dataset) if quantized and spec.dataset else None,
+        "quantized_algorithm": spec.quant_algorithm,
+        "quantized_method": spec.quant_method,
+        "hybrid": spec.hybrid if quantized else None,
+        "float_layers": list(spec.float_layers),
+        "hybrid_layer_cosine": list(HYBRID_LAYER_COSINE),
+        "hybrid_rounds": HYBRID_ROUNDS,
+        "min_cosine": spec.min_cosine,
+        "analyse": analyse,
         "optimization_level": spec.optimization_level,
         "dynamic_input": [[list(shape) for shape in group] for group in spec.dynamic_input],
         "export": BLOB_NAME if export else None,
