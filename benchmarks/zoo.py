@@ -160,10 +160,17 @@ def rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
                 c.ms(rk_t),
                 c.ratio(rk_t, ort_t),
                 f"{cos:.6f}" + ("" if cos >= 0.999 else " (< 0.999)"),
+                f"{r['max_abs']:.3g}",
             ]
         )
         for reason in s["cpu_reasons"]:
             notes.append(f"- {r['label']}: CPU calls because {reason[:400]}")
+        planned = r["plan"].get("npu_flop_share")
+        if s["npu_calls"] and planned == 0:
+            notes.append(
+                f"- {r['label']}: the NPU answered, but the plan (`rkort inspect`) puts 0 % on it: "
+                "it does not look inside control-flow branches (their FLOPs count 0 too)"
+            )
         if len(r["cosines"]) > 1:
             each = ", ".join(f"{n} {v:.6f}" for n, v in r["cosines"].items())
             notes.append(f"- {r['label']}: cosine per output: {each}")
@@ -178,7 +185,15 @@ def main() -> int:
     p.add_argument(
         "--seconds", type=float, default=4.0, help="timed calls per runner and model (about)"
     )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=60,
+        help="first wait up to this many seconds for other work on the machine to stop",
+    )
     a = p.parse_args()
+    if a.max_wait > 0:
+        c.wait_for_quiet(a.max_wait)
     os.environ.pop("RKORT_STRICT", None)  # a user's session: fall back and say why
     results: list[dict[str, Any]] = []
     skipped = []
@@ -224,6 +239,7 @@ def main() -> int:
         "rkort ms/call",
         "ratio",
         "min cosine vs onnxruntime",
+        "max abs difference",
     ]
     sections = [
         c.md_table(header, table),

@@ -69,13 +69,13 @@ def _same(what: str, want: Any, got: Any) -> list[str]:
 
 
 # Tolerances. float16 keeps 11 significant bits: a probability or score near 1 moves by a few
-# 1e-3 through a network's last layers (measured: at most 0.003 for Magika, 0.006 for silero-vad,
-# 0.003 for the OCR scores), so scores get 0.02 and what the app decides from them (labels,
-# speech segments, text, nearest neighbours) must be equal. Box corners come from regressed
-# coordinates scaled back to the image: 3 px allows an fp16 error of 1 px at the model's
-# resolution, scaled and truncated to whole pixels.
+# 1e-3 through a network's last layers (measured: at most 0.003 for Magika, NudeNet and the OCR
+# scores), so scores get 0.02 and what the app decides from them (labels, speech segments, text,
+# nearest neighbours) must be equal. Box corners are regressed coordinates scaled back to the
+# image: NudeNet's move by up to 1.6 px at its 320 px input (measured over all 2,100 candidate
+# boxes), 3.3 px once scaled to a 640 px image; 4 px, and whole pixels after truncation.
 SCORE = 0.02
-PIXELS = 3.0
+PIXELS = 4.0
 
 
 def compare_magika(want: Output, got: Output) -> list[str]:
