@@ -11,6 +11,13 @@ to onnxruntime's output for the quantized model (and to the fp32 model it was ma
 2. A small CNN classifier (random weights) quantized dynamically (ConvInteger), statically as QDQ
    and as QOperator (QLinearConv, onnxruntime's calibration on random images): the same figures
    and whether the labels agree on 64 images.
+3. rkort's own quantized builds (``dtype=w8a8``, calibrated per bucket and per NPU part from the
+   user's data): all-MiniLM-L6-v2 calibrated from 40 real sentences (``calibration_text`` and its
+   tokenizer), measured on 20 other sentences at their exact lengths (buckets 16 and 32), and the
+   small CNN calibrated from 32 images (``calibration``), measured on 64 others: fp16, w8a8 per
+   algorithm, the toolkit's automatic hybrid, rkort's layer-wise hybrid, and what rkort ships by
+   default (the ladder up to ``min_cosine`` 0.99); cosines to onnxruntime, labels, blob size and
+   build time against fp16.
 
 Until the planner lowers quantized models itself, the RKNN sessions open the file
 ``rkort.quantized.dequantize`` wrote; once it does, they open the quantized file (the report says
@@ -19,14 +26,16 @@ which).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from _common import ROOT, TARGET, log, md_table, publish, ratio
@@ -361,9 +370,287 @@ def cnn_section(tmp: Path) -> str:
     )
 
 
-#: The report's sections in order. A section on w8a8 builds calibrated from the quantized
-#: model's own ranges goes after these (not measured here).
-SECTIONS: Sequence[Callable[[Path], str]] = (minilm_section, cnn_section)
+#: 40 sentences that calibrate rkort's w8a8 MiniLM (none of them is measured).
+CALIBRATION_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "A woman is slicing tomatoes in a small kitchen.",
+    "Two children are building a sandcastle on the beach while their parents watch.",
+    "The committee postponed its decision on the new budget until next month.",
+    "My laptop battery drains much faster since the last system update.",
+    "He walked to the station in the rain because the buses were on strike.",
+    "Quantum computers use qubits that can exist in a superposition of states.",
+    "Please remember to water the plants while I am away on holiday.",
+    "The orchestra rehearsed the symphony for three hours without a break.",
+    "Our team fixed the memory leak that crashed the server every few days.",
+    "The recipe calls for two cups of flour, one egg and a pinch of salt.",
+    "Voters lined up early outside the polling stations across the country.",
+    "The spacecraft entered orbit around Mars after a seven-month journey.",
+    "She learned to play the violin when she was six years old.",
+    "The library offers free language classes for adults every Tuesday evening.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The hotel room had a beautiful view of the harbour and the old lighthouse.",
+    "Farmers are worried that the dry summer will ruin this year's harvest.",
+    "The referee showed the defender a red card in the final minute.",
+    "Solar panels on the roof now supply most of the building's electricity.",
+    "The company reported record profits despite rising costs of raw materials and energy.",
+    "The software update adds support for dark mode and faster search.",
+    "Bees play an essential role in pollinating fruit trees and crops.",
+    "The detective examined the footprints leading away from the broken window.",
+    "Neural networks learn representations of their inputs from large amounts of data.",
+    "After the storm, volunteers helped clear fallen trees from the roads.",
+    "The professor explained the theory of relativity with simple examples.",
+    "A cyclist is riding along a narrow mountain road at sunset.",
+    "The city council approved plans for a new bridge over the river.",
+    "The ancient manuscript was carefully restored by a team of experts over several years.",
+    "The board computer runs the object detector at thirty frames per second.",
+    "Strong winds forced the ferry to stay in port for the whole day.",
+    "When the power went out during the storm, the whole street gathered in the bakery, which "
+    "still had a gas oven and plenty of warm bread to share.",
+    "The museum's new exhibition traces the history of printing from carved wooden blocks to "
+    "the laser printers found in every office today.",
+    "Because the bridge was closed for repairs, the delivery trucks had to take a long detour "
+    "through the hills, and most of the furniture arrived a day late.",
+    "A group of tourists stopped in front of the cathedral to take pictures, while their guide "
+    "explained how long it had taken to build the towers.",
+    "The small robot vacuum maps every room in the house, avoids the stairs, and returns to its "
+    "dock on its own when the battery runs low.",
+    "Fresh snow covered the mountain village overnight, so the children skipped school and spent "
+    "the morning building a giant snowman in the square.",
+    "He forgot his umbrella on the train this morning and arrived at the interview soaked, but "
+    "the manager laughed and offered him a towel and a cup of tea.",
+    "The city's new cycling lanes have cut car traffic in the centre by a third, according to a "
+    "report published by the transport department last week.",
+]
+
+#: Longer sentences measured with :data:`SENTENCES` (bucket 32), none used for calibration.
+LONG_SENTENCES = [
+    "The volunteers spent the whole weekend repainting the old community centre, and the "
+    "children helped by decorating the walls with colourful drawings of animals.",
+    "After months of negotiations, the two companies finally agreed on a merger that will "
+    "create the largest manufacturer of electric bicycles in the region.",
+    "Although the forecast promised sunshine, a sudden thunderstorm forced the organisers to "
+    "move the outdoor concert into the crowded school gymnasium.",
+    "The new compiler release improves start-up time, reduces memory use on small boards, and "
+    "adds warnings for code that is likely to be wrong.",
+    "My grandmother still writes long letters by hand every week, even though all of her "
+    "grandchildren keep asking her to send text messages instead.",
+    "Researchers found that people who walk for thirty minutes a day sleep better and report "
+    "feeling less stressed at work.",
+]
+
+#: rkort's quantized builds side by side: (row, provider options, the one step of rkort's ladder
+#: it is forced to ship, whatever it measures; None: the whole ladder).
+W8A8_ROWS: Sequence[tuple[str, dict[str, str], str | None]] = (
+    ("fp16", {}, None),
+    ("w8a8, normal", {"quant_algorithm": "normal"}, "quantized"),
+    ("w8a8, mmse", {"quant_algorithm": "mmse"}, "quantized"),
+    ("w8a8, kl_divergence", {"quant_algorithm": "kl_divergence"}, "quantized"),
+    ("w8a8, normal, per-layer weights", {"quant_method": "layer"}, "quantized"),
+    ("w8a8 + the toolkit's auto hybrid", {}, "auto hybrid"),
+    ("w8a8 + rkort's layer-wise hybrid", {}, "layer hybrid"),
+    ("w8a8 + rkort's layer-wise hybrid, strict", {}, "layer hybrid, strict"),
+    ("rkort's default: the ladder to min_cosine 0.99", {}, None),
+)
+
+
+@contextlib.contextmanager
+def ladder(step: str | None) -> Iterator[None]:
+    """rkort's quantized builds ship ``step`` of its ladder (the one step tried, whatever it
+    measures), or the whole ladder (None), while this lasts."""
+    from rkort import quantbuild
+
+    steps = quantbuild._STEPS
+    if step is not None:
+        quantbuild._STEPS = tuple(s for s in steps if s[0] == step)
+        assert quantbuild._STEPS, step
+    try:
+        yield
+    finally:
+        quantbuild._STEPS = steps
+
+
+def rknn_session(path: Path, cache: Path, options: dict[str, str]) -> Any:
+    import rkort
+
+    session = rkort.InferenceSession(
+        str(path),
+        providers=[
+            ("RKNNExecutionProvider", {"cache_dir": str(cache), **options}),
+            "CPUExecutionProvider",
+        ],
+    )
+    if session.get_providers()[0] != "RKNNExecutionProvider":
+        raise RuntimeError(f"{path.name} did not open on the RKNN provider")
+    return session
+
+
+def shipped(cache: Path) -> tuple[int, str, str]:
+    """The blobs of a cache: total bytes, what shipped, and rkort's own held-out figure."""
+    from rkort.cache import Cache
+
+    found = Cache(cache).entries()
+    quant = [e.meta.get("quantization") or {} for e in found]
+    built = sorted({q.get("built", "fp16") for q in quant}) or ["fp16"]
+    own = [q["cosine_min"] for q in quant if q.get("cosine_min") is not None]
+    return sum(e.size for e in found), ", ".join(built), f"{min(own):.4f}" if own else "-"
+
+
+def w8a8_minilm(tmp: Path) -> str:
+    from transformers import AutoTokenizer
+
+    directory = tmp / "minilm" if (tmp / "minilm").is_dir() else export_minilm(tmp)
+    fp32 = directory / "onnx" / "model.onnx"
+    text = tmp / "calibration.txt"
+    text.write_text("\n".join(CALIBRATION_SENTENCES) + "\n")
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    measured = [*SENTENCES, *LONG_SENTENCES]
+    feeds = []
+    for sentence in measured:  # one at a time, at its exact length: sessions pad to a bucket
+        enc = tok(sentence, return_tensors="np")
+        feeds.append({k: v.astype(np.int64) for k, v in enc.items()})
+    ref = cpu_session(fp32)
+
+    def embed(outputs: list[np.ndarray]) -> np.ndarray:
+        rows = []
+        for feed, out in zip(feeds, outputs):
+            mask = feed["attention_mask"][..., None].astype(np.float32)
+            e = (out * mask).sum(1) / mask.sum(1)
+            rows.append(e[0] / np.linalg.norm(e[0]))
+        return np.stack(rows)
+
+    lengths = [int(f["input_ids"].shape[1]) for f in feeds]
+    want_tokens = [ref.run(None, f)[0] for f in feeds]
+    want = embed(want_tokens)
+    neighbours = np.argsort(-(want @ want.T), axis=1)[:, 1]
+    base = {"buckets": "16,32", "batch_buckets": "1"}
+    quantized = {"dtype": "w8a8", "calibration_text": str(text), "tokenizer": str(directory)}
+    rows, fp16_bytes, fp16_time = [], 0.0, 0.0
+    for k, (name, extra, step) in enumerate(W8A8_ROWS):
+        log(f"MiniLM on the RKNN provider: {name} ...")
+        cache = tmp / f"w8a8-minilm-{k}"
+        options = {**base, **({} if name == "fp16" else {**quantized, **extra})}
+        started = time.perf_counter()
+        with ladder(step):
+            session = rknn_session(fp32, cache, options)
+            got_tokens = [session.run(None, f)[0] for f in feeds]  # bucket 32 builds on first use
+        took = time.perf_counter() - started
+        got = embed(got_tokens)
+        size, built, own = shipped(cache)
+        if name == "fp16":
+            fp16_bytes, fp16_time = size, took
+        token = np.array([cosine_of(a, b) for a, b in zip(got_tokens, want_tokens)])
+        same = np.argsort(-(got @ got.T), axis=1)[:, 1] == neighbours
+        rows.append(
+            [
+                name,
+                built,
+                spread(cosines(got, want)),
+                spread(token),
+                f"{int(same.sum())}/{len(same)}",
+                own,
+                f"{size / 2**20:.1f} MiB ({ratio(size, fp16_bytes)})",
+                f"{took:.0f} s ({ratio(took, fp16_time)})",
+            ]
+        )
+    return "\n\n".join(
+        [
+            "### rkort's w8a8 all-MiniLM-L6-v2, calibrated from text",
+            md_table(
+                [
+                    "build",
+                    "shipped (bucket 16, 32)",
+                    "sentence embedding cosine to onnxruntime (min / mean)",
+                    "token cosine (min / mean)",
+                    "same nearest neighbour",
+                    "rkort's own held-out figure (min token cosine)",
+                    "blobs (vs fp16)",
+                    "time to build both buckets (vs fp16)",
+                ],
+                rows,
+            ),
+            f"Calibration: {len(CALIBRATION_SENTENCES)} sentences (`calibration_text` with the "
+            "model's own tokenizer), tokenized per bucket; about one in five held out by rkort to "
+            f"measure its builds. Measured here: {len(measured)} other sentences (the "
+            f"{len(SENTENCES)} above and {len(LONG_SENTENCES)} longer ones), one at a time at "
+            f"their exact lengths ({min(lengths)} to {max(lengths)} tokens: "
+            f"{sum(n <= 16 for n in lengths)} in bucket 16, {sum(n > 16 for n in lengths)} in "
+            "bucket 32), padded by the session as it pads any call; embeddings are "
+            "sentence-transformers' (mean pooling over the mask, L2 norm); the reference is "
+            "onnxruntime's fp32 model. Build time includes calibrating, every build the row makes "
+            "and rkort's measuring on the simulator.",
+        ]
+    )
+
+
+def w8a8_cnn(tmp: Path) -> str:
+    fp32 = cnn(tmp / "w8a8-cnn.onnx")
+    folder = tmp / "w8a8-cnn-calibration"
+    folder.mkdir(exist_ok=True)
+    for k in range(32):
+        np.savez(folder / f"image-{k:02d}.npz", x=images(1, 500 + k))
+    feeds = [{"x": images(1, 900 + k)} for k in range(64)]
+    ref = cpu_session(fp32)
+    want = np.concatenate([ref.run(None, f)[0] for f in feeds])
+    base = {"batch_buckets": "1"}
+    quantized = {"dtype": "w8a8", "calibration": str(folder)}
+    rows, fp16_bytes, fp16_time = [], 0.0, 0.0
+    for k, (name, extra, step) in enumerate(W8A8_ROWS):
+        log(f"CNN on the RKNN provider: {name} ...")
+        cache = tmp / f"w8a8-cnn-{k}"
+        options = {**base, **({} if name == "fp16" else {**quantized, **extra})}
+        started = time.perf_counter()
+        with ladder(step):
+            session = rknn_session(fp32, cache, options)
+            got = np.concatenate([session.run(None, f)[0] for f in feeds])
+        took = time.perf_counter() - started
+        size, built, own = shipped(cache)
+        if name == "fp16":
+            fp16_bytes, fp16_time = size, took
+        rows.append(
+            [
+                name,
+                built,
+                spread(cosines(got, want)),
+                f"{int((got.argmax(1) == want.argmax(1)).sum())}/{len(got)}",
+                own,
+                f"{size / 2**10:.0f} KiB ({ratio(size, fp16_bytes)})",
+                f"{took:.1f} s ({ratio(took, fp16_time)})",
+            ]
+        )
+    return "\n\n".join(
+        [
+            "### rkort's w8a8 small CNN classifier, calibrated from a folder of images",
+            md_table(
+                [
+                    "build",
+                    "shipped",
+                    "cosine to onnxruntime (min / mean)",
+                    "same label as onnxruntime",
+                    "rkort's own held-out figure",
+                    "blob (vs fp16)",
+                    "time to build (vs fp16)",
+                ],
+                rows,
+            ),
+            "Calibration: 32 images (`calibration`, one .npz each); measured on 64 other images; "
+            "the reference is onnxruntime's fp32 model.",
+        ]
+    )
+
+
+def cpu_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def cosine_of(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
+
+
+#: The report's sections in order.
+SECTIONS: Sequence[Callable[[Path], str]] = (minilm_section, cnn_section, w8a8_minilm, w8a8_cnn)
 
 
 def main() -> None:
@@ -376,7 +663,7 @@ def main() -> None:
     )
     publish(
         "quantization",
-        "Models quantized for onnxruntime on the NPU",
+        "Quantization: models quantized for onnxruntime, and rkort's own quantized builds",
         [
             f"rkort RKNN sessions opened {route}; target {TARGET}, the toolkit's simulator, fp16. "
             "Cosines are per sentence / per image; FLOP shares are rkort's plan "

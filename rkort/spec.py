@@ -33,9 +33,10 @@ QUANTIZED_TARGETS: dict[str, tuple[str, ...] | None] = {
 _ALGORITHMS = ("normal", "mmse", "kl_divergence")
 _METHODS = ("channel", "layer")
 #: ``hybrid``: "auto", the toolkit's automatic hybrid quantization (``build(auto_hybrid=True)``);
-#: "layers", the layers ``float_layers`` names kept in float16 (``hybrid_quantization_step2``),
-#: chosen by the toolkit's per-layer accuracy analysis when none are named.
-_HYBRIDS = ("auto", "layers")
+#: "layers" and "layers-strict", the layers ``float_layers`` names kept in float16
+#: (``hybrid_quantization_step2``), chosen by the toolkit's per-layer accuracy analysis when none
+#: are named (fewer of them, or more: see :data:`rkort.toolkit.protocol.LAYER_SELECTION`).
+_HYBRIDS = ("auto", "layers", "layers-strict")
 
 
 _FLOAT_DTYPES = ("float16",)

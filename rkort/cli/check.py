@@ -29,8 +29,7 @@ from ..planner import Part, Planner
 from ..shapes import signature_of
 from ..spec import CompileError
 from ..toolkit.process import WorkerProcess
-from ..toolkit.protocol import HYBRID_LAYER_COSINE as _THRESHOLDS
-from ..toolkit.protocol import build_request
+from ..toolkit.protocol import LAYER_SELECTION, build_request
 from .common import UsageError, parse_shape
 from .warmup import add_calibration_flags, parse_options
 
@@ -206,15 +205,19 @@ def _print(found: Mapping[str, Any], several: bool) -> None:
     rows = found.get("layers")
     if rows:
         print(
-            f"  layers (cosine to the float model; * alone below {_THRESHOLDS[0]}: "
+            f"  layers (cosine to the float model; * alone below {_THRESHOLD}: "
             "a candidate for float16):"
         )
         for row in rows:
-            mark = "*" if row["single"] is not None and row["single"] < _THRESHOLDS[0] else " "
+            mark = "*" if row["single"] is not None and row["single"] < _THRESHOLD else " "
             print(
                 f"  {mark} {row['op']:<16} {row['layer']:<70} entire {_num(row['entire'])}  "
                 f"alone {_num(row['single'])}"
             )
+
+
+#: Where the layer-wise hybrid starts keeping layers in float16.
+_THRESHOLD = LAYER_SELECTION["layers"][0][0]
 
 
 def _num(value: float | None) -> str:

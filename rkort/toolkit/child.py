@@ -157,7 +157,8 @@ def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> tuple[dict[str,
         with open(dataset, "w") as f:
             f.writelines(" ".join(sample) + "\n" for sample in samples)
     info: dict[str, Any] = {"blob": None}
-    if quantized and request.get("hybrid") == "layers":
+    selection = request.get("layer_selection")
+    if quantized and selection:
 
         def fresh() -> Any:
             from rknn.api import RKNN
@@ -173,9 +174,10 @@ def _build(child: _Child, rknn: Any, request: dict[str, Any]) -> tuple[dict[str,
             dataset or "",
             samples,
             request.get("float_layers") or [],
-            request.get("hybrid_layer_cosine") or (0.999,),
-            int(request.get("hybrid_rounds") or 3),
+            selection[0],
+            int(selection[1]),
             request.get("min_cosine"),
+            float(selection[2]),
             request["output_names"],
         )
     else:

@@ -75,11 +75,13 @@ def layered_build(
     thresholds: Sequence[float],
     rounds: int,
     goal: float | None = None,
+    margin: float = 1.0,
     outputs: Sequence[str] = (),
 ) -> tuple[Any, list[str]]:
     """Build with ``float_layers`` in float16, or (none named) with the layers the accuracy
     analysis finds below the first of ``thresholds`` (the next one when none is below it), round
-    after round until the analysed ``outputs`` are well within ``goal`` of the float model. ``loaded`` is
+    after round until the analysed ``outputs`` are within ``margin`` times ``goal``'s error budget
+    of the float model (one analysed sample stands for the held-out ones). ``loaded`` is
     a configured RKNN with the model loaded (released here); ``new_rknn()`` makes a configured
     one. Returns the built RKNN and the layers kept in float16."""
     where = Path("hybrid").resolve()
@@ -118,8 +120,7 @@ def layered_build(
         rknn = build(keep)
         rows = analyse(check, rknn, samples[:1], where)
         rknn.release()
-        # One analysed sample stands for the held-out ones: half the error budget as margin.
-        if goal is not None and _output_cosine(rows, outputs) >= 1 - (1 - goal) / 2:
+        if goal is not None and _output_cosine(rows, outputs) >= 1 - (1 - goal) * margin:
             break
         added: list[str] = []
         while level < len(thresholds) and not added:

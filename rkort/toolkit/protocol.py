@@ -24,12 +24,17 @@ PARENT_ENV = "RKORT_WORKER_PARENT"
 CHILD_MODULE = "rkort.toolkit.child"
 
 
-#: Layers of a hybrid build whose single-layer cosine (the toolkit's accuracy analysis, against
-#: its float model) is below the first of these stay in float16 (below the next one when none is
-#: below it); the analysis is repeated on the new build, at most this many rounds (a float16
-#: neighbour changes what a layer's int8 input loses), until the outputs reach min_cosine.
-HYBRID_LAYER_COSINE = (0.999, 0.9995, 0.9999)
-HYBRID_ROUNDS = 4
+#: How a layer-wise hybrid build chooses its float16 layers, by the spec's ``hybrid``:
+#: (thresholds, rounds, margin). The layers whose single-layer cosine (the toolkit's accuracy
+#: analysis, against its float model) is below the first threshold stay in float16 (below the
+#: next one when none is below it); the analysis is repeated on the new build, at most ``rounds``
+#: times (a float16 neighbour changes what a layer's int8 input loses), until the analysed outputs
+#: are within ``margin`` times min_cosine's error budget. "layers" keeps few layers (the smallest
+#: blob that may pass); "layers-strict", tried when it does not pass, keeps more.
+LAYER_SELECTION: dict[str, tuple[tuple[float, ...], int, float]] = {
+    "layers": ((0.999,), 2, 1.0),
+    "layers-strict": ((0.999, 0.9995, 0.9999), 4, 0.5),
+}
 
 
 def build_request(
@@ -53,9 +58,9 @@ def build_request(
     return {
         "model_path": os.path.abspath(spec.model_path),
         "input_names": list(spec.input_names),
-        "input_shapes": [list(s) for s in spec.input_shapes],
+        "input_shapes": [list(s) or [1] for s in spec.input_shapes],
         "output_names": list(spec.output_names),
-        "output_shapes": [list(s) for s in spec.output_shapes],
+        "output_shapes": [list(s) or [1] for s in spec.output_shapes],
         "target": spec.target,
         "float_dtype": spec.float_dtype,
         "quantized_dtype": quantized,
@@ -64,8 +69,7 @@ def build_request(
         "quantized_method": spec.quant_method,
         "hybrid": spec.hybrid if quantized else None,
         "float_layers": list(spec.float_layers),
-        "hybrid_layer_cosine": list(HYBRID_LAYER_COSINE),
-        "hybrid_rounds": HYBRID_ROUNDS,
+        "layer_selection": LAYER_SELECTION.get(spec.hybrid or ""),
         "min_cosine": spec.min_cosine,
         "analyse": analyse,
         "optimization_level": spec.optimization_level,
