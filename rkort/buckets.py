@@ -88,8 +88,7 @@ class ShapePolicy:
     ) -> None:
         self.input_names = [i.name for i in inputs]
         self.input_dims: list[list[Dim]] = [
-            [d if isinstance(d, int) else (d or f"{i.name}:{a}") for a, d in enumerate(i.shape)]
-            for i in inputs
+            [_dim(d, f"{i.name}:{a}") for a, d in enumerate(i.shape)] for i in inputs
         ]
         self.static = all(isinstance(d, int) for dims in self.input_dims for d in dims)
         self.output_dims: list[list[Dim]] = [list(o.shape) for o in outputs]
@@ -97,6 +96,10 @@ class ShapePolicy:
         self.buckets: dict[str, tuple[int, ...]] = {}
         #: When set (:meth:`restrict`), the signatures to use, cheapest first.
         self.allowed: list[tuple[tuple[int, ...], ...]] | None = None
+        #: Why each dynamic dim is padded or compiled exactly (shown by `rkort inspect`).
+        self.reasons: dict[str, str] = {}
+        #: The pad values the user gave (the padding proof chooses the others).
+        self.given_pad_values: dict[str, float] = dict(pad_values or {})
         self._fallback = False
         if self.static:
             self.pad_values: list[float] = [0.0] * len(inputs)
@@ -107,7 +110,7 @@ class ShapePolicy:
         sequence = {
             dims[1]
             for name, dims in zip(self.input_names, self.input_dims)
-            if len(dims) == 2 and isinstance(dims[1], str) and _is_mask(name)
+            if len(dims) == 2 and isinstance(dims[1], str) and is_mask(name)
         }
         traceable = all(
             isinstance(d, int) or d in symbols for dims in self.output_dims for d in dims
@@ -118,14 +121,22 @@ class ShapePolicy:
                 self.output_dims,
             )
         for s in dict.fromkeys(symbols):
-            if not traceable or s in exact_dims:
+            if not traceable:
                 self.kind[s] = "exact"
+                self.reasons[s] = "an output has a dim not traced to an input, so none is padded"
+            elif s in exact_dims:
+                self.kind[s] = "exact"
+                self.reasons[s] = "the exact_dims option names it"
             elif s in batch and all(s in dims for dims in self.output_dims) and s not in sequence:
                 self.kind[s] = "batch"
             elif s in sequence:
                 self.kind[s] = "sequence"
             else:
                 self.kind[s] = "exact"
+                self.reasons[s] = (
+                    "neither a batch (axis 0 of every output) nor a masked sequence (axis 1 of "
+                    "an attention mask)"
+                )
         bat = tuple(sorted(set(batch_buckets or DEFAULT_BATCH_BUCKETS)))
         if sequence_buckets:
             seq = tuple(sorted(set(sequence_buckets)))
@@ -167,6 +178,28 @@ class ShapePolicy:
                 b if (not isinstance(d, int) and d not in symbols and b is not None) else d
                 for d, b in zip(dims, better)
             ]
+
+    def compile_exactly(self, symbol: str, reason: str) -> None:
+        """Compile ``symbol`` per observed size instead of padding it (padding is not safe)."""
+        self.kind[symbol] = "exact"
+        self.reasons[symbol] = reason
+        self.buckets.pop(symbol, None)
+
+    def input_symbols(self) -> list[str]:
+        """Every dynamic dim's symbol, in input order."""
+        return list(
+            dict.fromkeys(d for dims in self.input_dims for d in dims if isinstance(d, str))
+        )
+
+    def signature_for(self, sizes: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
+        """The input shapes with every symbol at its size in ``sizes``."""
+        return self._signature(sizes)
+
+    def pad_to(
+        self, arrays: Sequence[np.ndarray], signature: tuple[tuple[int, ...], ...]
+    ) -> list[np.ndarray]:
+        """Inputs padded (with the pad values) to ``signature``."""
+        return self.pad(arrays, RunPlan(signature, (slice(None),), {}), slice(None))
 
     @property
     def padded_symbols(self) -> list[str]:
@@ -383,7 +416,16 @@ class _DefaultSequenceBuckets(dict):  # type: ignore[type-arg]
         return value
 
 
-def _is_mask(name: str) -> bool:
+def _dim(d: Any, unnamed: str) -> Dim:
+    """A declared dim: its size, its symbol, or ``unnamed`` for a dynamic dim without a name
+    (None, a negative size, or "?", which paddle2onnx gives every free dim)."""
+    if isinstance(d, int) and d >= 0:
+        return d
+    return d if isinstance(d, str) and d not in ("", "?") else unnamed
+
+
+def is_mask(name: str) -> bool:
+    """True for an input named as an attention mask."""
     low = name.lower()
     return any(m == low or low.endswith(m) for m in _MASK_NAMES)
 

@@ -43,18 +43,37 @@ _ZERO_FLOP_OPS = frozenset(
 
 
 def param_counts(model: onnx.ModelProto, segments: Sequence[Segment]) -> tuple[int, int]:
-    sizes = {t.name: math.prod(int(d) for d in t.dims) for t in model.graph.initializer}
-    index = dict(zip(node_names(model.graph), model.graph.node))
+    """Parameters (weight elements) read by the NPU segments, and by all: initializers, and
+    tensors held in Constant nodes (some exporters keep every weight there) or in subgraphs."""
+    sizes = _weights(model.graph)
+    names = node_names(model.graph)
+    index = dict(zip(names, model.graph.node))
+    inner = {n: sum(_weights(g).values()) for n, node in index.items() for g in _subgraphs(node)}
     npu: set[str] = set()
     used: set[str] = set()
     for s in segments:
         for n in s.nodes:
-            for r in node_reads(index[n]):
-                if r in sizes:
+            for r in [*node_reads(index[n]), *([f"<inside {n}>"] if inner.get(n) else [])]:
+                if r in sizes or r.startswith("<inside "):
                     used.add(r)
                     if s.device == NPU:
                         npu.add(r)
+    sizes.update({f"<inside {n}>": v for n, v in inner.items()})
     return sum(sizes[n] for n in npu), sum(sizes[n] for n in used)
+
+
+def _weights(graph: onnx.GraphProto) -> dict[str, int]:
+    sizes = {t.name: math.prod(int(d) for d in t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            sizes[node.output[0]] = math.prod(int(d) for d in node.attribute[0].t.dims)
+        for g in _subgraphs(node):
+            sizes.update({f"{node.name}/{k}": v for k, v in _weights(g).items()})
+    return sizes
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
 
 
 def estimate_flops(
@@ -90,6 +109,8 @@ def _node_flops(node: onnx.NodeProto, types: Mapping[str, TensorType]) -> float 
     op = node.op_type
     if op in _ZERO_FLOP_OPS:
         return 0.0
+    if op in ("If", "Loop", "Scan"):
+        return _control_flops(node, types)
     y = shape(0, outputs=True)
     if op in ("MatMul", "MatMulInteger", "FusedMatMul"):
         a = shape(0)
@@ -160,3 +181,15 @@ def si(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} "
+
+
+def _control_flops(node: onnx.NodeProto, types: Mapping[str, TensorType]) -> float | None:
+    """An If costs its dearer branch; a Loop or Scan one pass of its body (the trip count is
+    rarely known here); None when no node inside has a known cost."""
+    passes = []
+    for g in _subgraphs(node):
+        counted = [_node_flops(n, types) for n in g.node]
+        known = [f for f in counted if f is not None]
+        passes.append(sum(known) if known else None)
+    known_passes = [p for p in passes if p is not None]
+    return max(known_passes) if known_passes else None

@@ -19,7 +19,7 @@ import numpy as np
 from . import backends
 from .backends.base import Runner, RunnerClosed, RunnerDied, RunnerError
 from .backends.pool import Budget, ContextPool
-from .buckets import NotWarmed, Oversize, ShapePolicy
+from .buckets import NotWarmed, Oversize
 from .cache import Cache
 from .calibration import InputRecorder
 from .decision import Decision, Part
@@ -29,6 +29,7 @@ from .hints import warmup_command
 from .model import ModelSource
 from .multishape import multi_shape_part, open_multi_shape  # noqa: F401  (cli.warmup reads it here)
 from .options import RKNNOptions
+from .padding import make_policy  # noqa: F401  (cli.warmup reads it here)
 from .parts import MissingBlob, PartOpener
 from .planner import Planner
 from .program import Program
@@ -48,21 +49,6 @@ class CpuCall(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def make_policy(
-    model: ModelSource, inputs: Sequence[Any], outputs: Sequence[Any], options: RKNNOptions
-) -> ShapePolicy:
-    """The shape rules a session with these options follows (which dims pad to which buckets)."""
-    return ShapePolicy(
-        model,
-        inputs,
-        outputs,
-        sequence_buckets=options.buckets,
-        batch_buckets=options.batch_buckets,
-        pad_values=options.pad_values,
-        exact_dims=options.exact_dims,
-    )
 
 
 class RKNNEngine:
@@ -99,7 +85,7 @@ class RKNNEngine:
         self.input_names = tuple(i.name for i in inputs)
         self.output_names = tuple(o.name for o in outputs)
         self.output_dtypes = tuple(_tensor_dtype(o) for o in outputs)
-        self.policy = make_policy(model, inputs, outputs, options)
+        self.policy = make_policy(model, inputs, outputs, options, self.cache, cpu_options)
         self._fp16 = options.quantized_dtype is None
         #: Every signature a program was opened for, in order (a compile or a cache load each).
         self.opened: list[Signature] = []
@@ -126,6 +112,10 @@ class RKNNEngine:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def model_hash(self) -> str:
+        return self.planner.model_hash
 
     # -- opening --
 
@@ -182,12 +172,14 @@ class RKNNEngine:
 
     def _check_npu_work(self) -> None:
         """For a model whose dims are all compiled per size: some node must be NPU work."""
-        sig = signature_of(self._model.proto, {}, fill=1)
-        decision, _ = self.planner.decide(sig)
-        if not decision.npu_parts:
+        # The rules alone: a model may not run at all at the size-1 stand-in signature (a
+        # detector's 1x1 image), and nothing is built for it.
+        plan = self.planner.place(signature_of(self._model.proto, {}, fill=1))
+        if not any(s.device == "npu" for s in plan.segments):
+            reasons = sorted({p.reason for p in plan.placements if p.device != "npu"})
             raise Unsupported(
                 f"no part of this model can run on the NPU for {self.options.target}: "
-                f"{'; '.join(decision.cpu_reasons[:5])}"
+                f"{'; '.join(reasons[:5])}"
             )
 
     def _open_multi_shape(self, signatures: list[Signature]) -> None:

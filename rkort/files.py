@@ -170,6 +170,19 @@ def owned(st: os.stat_result) -> bool:
     return not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
 
 
+def private_dir(directory: Path) -> Path:
+    """``directory``, made (mode 0700) if missing; refused (OSError) if it is a link, not a
+    directory, or another user's."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or not owned(st):
+        raise OSError(f"refusing {directory}: not a directory of this user")
+    return directory
+
+
 def sha256_fd(fd: int) -> str:
     """The sha256 hex digest of an open file, read from its start."""
     digest = hashlib.sha256()

@@ -1,7 +1,7 @@
 """Facts about an ONNX graph that every later room reads: node names, what each node reads, value
 types and shapes (shape inference, with weights left out), and the graph as planned for one input
 signature (Shape/Size of static tensors and small constant computations folded into constants,
-the opset lowered to what the converter loads).
+settled control flow written out, the opset lowered to what the converter loads).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .controlflow import inline_control_flow
+from .nodes import STANDARD_DOMAINS, node_names, node_reads, subgraph_reads  # noqa: F401
+
 log = logging.getLogger("rkort")
 
 #: The highest default-domain opset rknn-toolkit2 2.5.0 loads ('Unsupport onnx opset 20, need <= 19!').
 MAX_OPSET = 19
-
-
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 # Never folded into constants: a different value each run.
@@ -58,57 +58,6 @@ class TensorType:
     def known_shape(self) -> bool:
         """Every dim known, as a number or as a symbolic name fixed by the input signature."""
         return self.shape is not None and all(d is not None for d in self.shape)
-
-
-def node_names(graph: onnx.GraphProto) -> list[str]:
-    """A unique name for every node, in graph order: its own name, or ``<OpType>_<index>`` (made
-    unique) for unnamed or duplicate ones. Everything in rkort names nodes this way."""
-    taken = {n.name for n in graph.node if n.name}
-    seen: set[str] = set()
-    names = []
-    for i, node in enumerate(graph.node):
-        name = node.name
-        if not name or name in seen:
-            base = f"{node.op_type}_{i}"
-            name, k = base, 1
-            while name in taken or name in seen:
-                name, k = f"{base}_{k}", k + 1
-        seen.add(name)
-        names.append(name)
-    return names
-
-
-def subgraph_reads(node: onnx.NodeProto) -> list[str]:
-    """Outer-scope values a node's subgraphs (If/Loop/Scan bodies) read."""
-    found: list[str] = []
-    for attr in node.attribute:
-        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-        for g in graphs:
-            found.extend(_outer_refs(g))
-    return found
-
-
-def _outer_refs(graph: onnx.GraphProto) -> list[str]:
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    refs: list[str] = []
-    for node in graph.node:
-        for name in list(node.input) + subgraph_reads(node):
-            if name and name not in defined and name not in refs:
-                refs.append(name)
-        defined.update(node.output)
-    for o in graph.output:
-        if o.name not in defined and o.name not in refs:
-            refs.append(o.name)
-    return refs
-
-
-def node_reads(node: onnx.NodeProto) -> list[str]:
-    """Every value a node reads, its subgraphs' outer-scope reads included (no empty names)."""
-    out: list[str] = []
-    for name in list(node.input) + subgraph_reads(node):
-        if name and name not in out:
-            out.append(name)
-    return out
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -192,10 +141,16 @@ def type_of(tp: onnx.TypeProto) -> TensorType:
         tt = tp.tensor_type
         shape: tuple[int | str | None, ...] | None = None
         if tt.HasField("shape"):
+            # A negative size (paddle2onnx writes -1) and the name "?" mean "not known", as
+            # onnxruntime reads them, not a size or a symbol shared by every such dim.
             shape = tuple(
-                int(d.dim_value)
+                (int(d.dim_value) if d.dim_value >= 0 else None)
                 if d.HasField("dim_value")
-                else (d.dim_param if d.HasField("dim_param") and d.dim_param else None)
+                else (
+                    d.dim_param
+                    if d.HasField("dim_param") and d.dim_param not in ("", "?")
+                    else None
+                )
                 for d in tt.shape.dim
             )
         return TensorType("tensor", tt.elem_type, shape)
@@ -386,11 +341,12 @@ def prepare(
 ) -> tuple[onnx.ModelProto, dict[str, TensorType]]:
     """The graph as planned for one input signature, and its value types: a :func:`skeleton`
     (no weight bytes: take initializers from the original by name) in which Shape/Size of
-    static tensors and small constant computations are Constant nodes (names kept), repeated
-    until shape inference learns nothing new."""
+    static tensors and small constant computations are Constant nodes (names kept), and control
+    flow the signature settles is written out (:mod:`rkort.controlflow`), repeated until shape
+    inference learns nothing new."""
     model = skeleton(model)
     types = infer_types(model, input_shapes)
-    for _ in range(4):
+    for _ in range(8):
         changed = False
         frozen = freeze_shapes(model, types)
         if frozen is not None:
@@ -398,6 +354,9 @@ def prepare(
         folded = fold_constants(model)
         if folded is not None:
             model, changed = folded, True
+        inlined = inline_control_flow(model, types)
+        if inlined is not None:
+            model, changed = inlined, True
         if not changed:
             break
         types = infer_types(model, input_shapes)

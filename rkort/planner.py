@@ -26,6 +26,7 @@ import onnx
 
 from . import placement
 from .cache import Cache, make_key
+from .controlflow import INLINED
 from .decision import Decision, Part, from_record, to_record
 from .face import record_face
 from .files import owned_tempdir
@@ -45,7 +46,7 @@ from .trials import Blame, rejects_graph
 log = logging.getLogger("rkort")
 
 #: Bump when a change here makes an older record describe a different program.
-PLANNER_VERSION = 1
+PLANNER_VERSION = 2
 
 #: ``build(part)`` builds an NPU part (and may open it); what it returns is handed back.
 Build = Callable[["Part"], Any]
@@ -364,7 +365,16 @@ class Planner:
         return dataclasses.replace(computed, placements=placements, segments=tuple(segments))
 
     def _parts(self, plan: placement.Plan, sig: Signature, files: SegmentFiles) -> tuple[Part, ...]:
-        whole = len(plan.segments) == 1 and all(p.device == NPU for p in plan.placements)
+        whole = (
+            len(plan.segments) == 1
+            and all(p.device == NPU for p in plan.placements)
+            and not any(p.key == INLINED for p in files.prepared.metadata_props)
+            and not any(  # a 0-d input or output travels as [1]: a segment file says so
+                files.types[n].static_shape == ()
+                for n in (*plan.segments[0].inputs, *plan.segments[0].outputs)
+                if n in files.types
+            )
+        )
         parts = []
         for seg in plan.segments:
             if seg.device == CPU:

@@ -37,6 +37,9 @@ class ProgramSegment:
         self.output_dtypes = tuple(
             np.dtype(d) for d in (part.spec.output_dtypes if part.spec is not None else ())
         )
+        self._output_shapes = tuple(
+            tuple(s) for s in (part.spec.output_shapes if part.spec is not None else ())
+        )
 
     @property
     def spec(self) -> Any:
@@ -70,8 +73,12 @@ class ProgramSegment:
         """The segment's outputs (in ``outputs`` order, declared dtypes) for its inputs."""
         runner, session = self.runner, self.session  # close() may clear them meanwhile
         if runner is not None:
-            outs = runner.run([contiguous(a) for a in arrays])
-            return [cast_output(o, dt) for o, dt in zip(outs, self.output_dtypes)]
+            # The NPU takes and gives no 0-d tensor: a scalar travels as a [1] vector.
+            outs = runner.run([contiguous(a.reshape(1) if a.ndim == 0 else a) for a in arrays])
+            return [
+                cast_output(o.reshape(()) if s == () else o, dt)
+                for o, dt, s in zip(outs, self.output_dtypes, self._output_shapes)
+            ]
         if session is None:
             raise RunnerClosed(f"segment {self.index} ({self.device}) is closed")
         return list(session.run(list(self.outputs), dict(zip(self.inputs, arrays))))

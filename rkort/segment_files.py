@@ -24,7 +24,7 @@ from .segments import Segment
 
 #: Part of every segment file's name and blob key: bump when extraction changes what a segment
 #: file holds, so blobs cached for a segment are not reused for a different graph.
-SEGMENT_FORMAT = 1
+SEGMENT_FORMAT = 2
 _EMBEDDED_LIMIT = 1 << 30
 
 
@@ -112,9 +112,18 @@ class SegmentFiles:
             reads.update(node_reads(node))
             domains.update(_domains(node))
         initializers = [t for t in self.original.graph.initializer if t.name in reads]
+        # Weights of an If branch inlined for this signature are the prepared graph's own.
+        known = {t.name for t in self.original.graph.initializer}
+        initializers += [
+            t
+            for t in self.prepared.graph.initializer
+            if t.name in reads and t.name not in known and t.data_location != TensorProto.EXTERNAL
+        ]
         sparse = [t for t in self.original.graph.sparse_initializer if t.values.name in reads]
         self._link_external(initializers)
         static = seg.device == NPU
+        if static:
+            nodes, initializers = self._scalars_as_vectors(seg, nodes, initializers)
         sub = helper.make_graph(
             nodes,
             f"{graph.name or 'graph'}-{seg.device}-segment",
@@ -161,13 +170,49 @@ class SegmentFiles:
             if t.name in wanted
         }
 
+    def _scalars_as_vectors(
+        self, seg: Segment, nodes: list[onnx.NodeProto], initializers: list[Any]
+    ) -> tuple[list[onnx.NodeProto], list[Any]]:
+        """The NPU takes and gives no 0-d tensor (the simulator fails on one): a 0-d input or
+        output of an NPU segment is a [1] tensor in its file, reshaped inside."""
+        scalars = [n for n in (*seg.inputs, *seg.outputs) if self._static_shape(n) == ()]
+        if not scalars:
+            return nodes, initializers
+        empty, one = "rkort__shape_scalar", "rkort__shape_1"
+        initializers = [
+            *initializers,
+            numpy_helper.from_array(np.zeros(0, np.int64), empty),
+            numpy_helper.from_array(np.ones(1, np.int64), one),
+        ]
+        rename = {}
+        head, tail = [], []
+        for name in scalars:
+            inner = f"{name}__rkort_scalar"
+            rename[name] = inner
+            if name in seg.inputs:
+                head.append(helper.make_node("Reshape", [name, empty], [inner], name=inner))
+            else:
+                tail.append(helper.make_node("Reshape", [inner, one], [name], name=inner))
+        for node in nodes:
+            for i, v in enumerate(node.input):
+                if v in rename and v in seg.inputs:
+                    node.input[i] = rename[v]
+            for i, v in enumerate(node.output):
+                if v in rename and v in seg.outputs:
+                    node.output[i] = rename[v]
+        return head + nodes + tail, initializers
+
+    def _static_shape(self, name: str) -> tuple[int, ...] | None:
+        t = self.types.get(name)
+        return t.static_shape if t is not None else None
+
     def _value_info(self, name: str, static: bool) -> onnx.ValueInfoProto:
         t = self.types.get(name)
         if static:
             shape = t.static_shape if t is not None else None
             if shape is None:
                 raise ValueError(f"the shape of {name!r} is not static")
-            return helper.make_tensor_value_info(name, t.elem_type if t else 0, shape)
+            return helper.make_tensor_value_info(name, t.elem_type if t else 0, shape or (1,))
         if t is None or t.kind != "tensor":
             vi = onnx.ValueInfoProto()
             vi.name = name

@@ -21,6 +21,7 @@ import onnxruntime as _ort
 from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession as _OrtSession
 
 from .backends.base import RunnerDied
+from .branching import BranchEngine, open_engine
 from .cache import Cache
 from .calls import ORT_ERRORS, RUN, check_terminate, cpu_options, run_context, status_text
 from .engine import CpuCall, RKNNEngine
@@ -110,7 +111,7 @@ class InferenceSession(_OrtSession):
     ``rkort.options.KNOWN``). Everything else behaves as onnxruntime's session.
     """
 
-    _rknn: RKNNEngine | None = None
+    _rknn: RKNNEngine | BranchEngine | None = None
     # onnxruntime's own attributes this class reads and sets.
     _model_path: Any
     _model_bytes: Any
@@ -188,11 +189,11 @@ class InferenceSession(_OrtSession):
         finally:
             self._model_path, self._model_bytes = path, data
 
-    def _settle(self, engine: RKNNEngine) -> None:
+    def _settle(self, engine: RKNNEngine | BranchEngine) -> None:
         """The NPU runs the whole model: keep onnxruntime on the model's face only (the whole
         model is loaded again if a call ever needs the CPU)."""
         assert self._source is not None
-        face = recorded_face(engine.cache, engine.planner.model_hash)
+        face = recorded_face(engine.cache, engine.model_hash)
         if face is None:
             return
         self._open_on_face(face)
@@ -216,7 +217,7 @@ class InferenceSession(_OrtSession):
                 self._model_path if self._model_path is not None else self._model_bytes
             )
         try:
-            engine = RKNNEngine(
+            engine = open_engine(
                 self._source,
                 self.get_inputs(),
                 self.get_outputs(),
@@ -227,6 +228,7 @@ class InferenceSession(_OrtSession):
         except Exception as e:  # noqa: BLE001 - every RKNN failure means: the next provider runs it
             if not isinstance(e, (Unsupported, CompileError, OSError)):
                 if os.environ.get("RKORT_STRICT", "").strip() in ("1", "true", "yes"):
+                    self.disable_fallback()  # onnxruntime's retry would hide the bug
                     raise
                 log.debug("RKNN setup failed unexpectedly", exc_info=True)
             reason = f"{type(e).__name__}: {e}"
@@ -318,7 +320,7 @@ class InferenceSession(_OrtSession):
         self._stats.cpu(reason)
         return outs
 
-    def _unexpected(self, error: Exception, engine: RKNNEngine) -> str:
+    def _unexpected(self, error: Exception, engine: RKNNEngine | BranchEngine) -> str:
         """An unexpected failure inside rkort's NPU path: this call goes to onnxruntime, with a
         warning once per cause (EPFail with fallback=0; raised as is with RKORT_STRICT=1)."""
         if os.environ.get("RKORT_STRICT", "").strip() in ("1", "true", "yes"):
@@ -362,7 +364,7 @@ class InferenceSession(_OrtSession):
 
         pool.submit(call)
 
-    def _rknn_failed(self, error: Exception, engine: RKNNEngine) -> None:
+    def _rknn_failed(self, error: Exception, engine: RKNNEngine | BranchEngine) -> None:
         """The device context of ``engine`` is gone: fall back to the next provider (once, even
         when several threads see it), or raise EPFail when fallback is off."""
         reason = f"{type(error).__name__}: {error}"

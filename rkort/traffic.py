@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 import threading
 import time
 from collections import Counter
@@ -35,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .cache import Cache
-from .files import owned, read_json, write_atomic
+from .files import read_json, write_atomic
 
 log = logging.getLogger("rkort")
 
@@ -135,7 +134,7 @@ def merge_counts(
     """Add ``counts`` to the model's shapes file, under its file lock (atomic for readers)."""
     import filelock
 
-    directory = _private_dir(cache, model_hash)
+    directory = cache.model_dir("traffic", model_hash)
     lock = filelock.FileLock(str(directory / "shapes.lock"), mode=0o600, timeout=LOCK_TIMEOUT)
     with lock:
         found = read_traffic(cache, model_hash)
@@ -188,7 +187,7 @@ def write_fitted(
 ) -> Path:
     """Store the signatures `rkort warmup --from-traffic` compiled: sessions of the model use
     them from then on (see :func:`fitted_signatures`)."""
-    directory = _private_dir(cache, model_hash)
+    directory = cache.model_dir("traffic", model_hash)
     data = {
         "version": FORMAT,
         **info,
@@ -209,20 +208,3 @@ def fitted_signatures(cache: Cache, model_hash: str) -> Optional[list[Signature]
         return [tuple(tuple(int(d) for d in s) for s in sig) for sig in data["signatures"]]
     except (TypeError, ValueError):
         return None
-
-
-def _private_dir(cache: Cache, model_hash: str) -> Path:
-    """The model's traffic directory, made private (0700) if missing; refused if it is a link
-    or another user's."""
-    if not model_hash or "/" in model_hash or model_hash.startswith("."):
-        raise ValueError(f"not a model hash: {model_hash!r}")
-    cache._ensure_dirs("traffic")
-    directory = traffic_dir(cache, model_hash)
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or not owned(st):
-        raise OSError(f"refusing {directory}: not a directory of this user")
-    return directory

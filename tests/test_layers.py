@@ -21,7 +21,11 @@ LAYERS: list[list[str]] = [
     # 1 load
     ["rkort.model"],
     # 2 plan: graph facts, rules, segments, cost, the plan
+    ["rkort.nodes"],
+    ["rkort.inline"],
+    ["rkort.controlflow"],
     ["rkort.graph"],
+    ["rkort.branches"],
     ["rkort.quantized"],
     ["rkort.rules"],
     ["rkort.segments"],
@@ -43,7 +47,7 @@ LAYERS: list[list[str]] = [
     ["rkort.cache.store"],
     ["rkort.cache.bundle", "rkort.cache.remote"],
     ["rkort.cache"],
-    ["rkort.traffic", "rkort.fitting", "rkort.calibration"],
+    ["rkort.traffic", "rkort.fitting", "rkort.calibration", "rkort.padding"],
     ["rkort.face"],
     # 6 backends
     ["rkort.backends.base"],
@@ -65,6 +69,7 @@ LAYERS: list[list[str]] = [
     ["rkort.program", "rkort.parts"],
     ["rkort.multishape"],
     ["rkort.engine"],
+    ["rkort.branching"],
     # 7 the session face
     ["rkort.providers", "rkort.iobinding", "rkort.calls"],
     ["rkort.session"],

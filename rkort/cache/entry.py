@@ -19,11 +19,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+import filelock
 import platformdirs
 
 from ..files import (
     O_NOFOLLOW,
     O_NONBLOCK,
+    listdir,
     owned,
     read_json,
     remove_tree,
@@ -364,3 +366,34 @@ def _remember_verified(entry_dir: Path, st: os.stat_result, digest: str) -> None
         )
     except OSError:
         pass  # a read-only cache: the blob is hashed on every use, which is only slower
+
+
+def clean_tmp(
+    root: Path,
+    lock: Callable[[str], filelock.FileLock],
+    min_age: float,
+    holding: Optional[str] = None,
+) -> None:
+    """Delete a cache's leftovers of killed builds: old enough (any age for ``holding``, the key
+    whose lock the caller holds), and their key's lock (``lock(key)``) is free."""
+    now = time.time()
+    for sub in ("tmp", "hashes"):
+        parent = root / sub
+        for name in listdir(parent):
+            path = parent / name
+            if sub == "hashes" and not name.startswith(".tmp-"):
+                continue
+            key = name.split(".", 1)[0]
+            try:
+                if key != holding and now - os.lstat(path).st_mtime < min_age:
+                    continue
+            except OSError:
+                continue
+            if sub == "tmp" and KEY_RE.fullmatch(key):
+                try:
+                    with lock(key).acquire(timeout=0):
+                        remove_tree(path)
+                except (filelock.Timeout, OSError):
+                    continue  # a build of that key is running
+            else:
+                remove_tree(path)

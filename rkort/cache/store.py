@@ -11,6 +11,7 @@ then found by every later session, in any process. One :class:`Cache` is one dir
       locks/<key>.lock          per-key inter-process locks (filelock)
       hashes/<sha256 of path>.json  memoized content hashes of model files, keyed by stat
       quarantine/               entries refused as unsafe, moved aside and never read
+      programs/, traffic/, branches/  per-model records, recorded shapes, branch models
 
 Entries appear only by an atomic rename of a complete, fsynced directory, and every blob is checked
 against its recorded sha256 and size before :meth:`Cache.get` returns it. Nothing in the cache is
@@ -43,6 +44,7 @@ from ..files import (
     StrPath,
     fsync_dir,
     listdir,
+    private_dir,
     remove_tree,
     write_new,
 )
@@ -60,6 +62,7 @@ from .entry import (
     check_built,
     check_key,
     checked_meta,
+    clean_tmp,
     default_cache_dir,
     dump_meta,
     ephemeral_entry,
@@ -211,7 +214,7 @@ class Cache:
                 return entry, False
             # Holding the key's lock proves no build of this key is running: whatever it left
             # in tmp/ is from a killed one, however young.
-            self._clean_tmp(_STALE_TMP_AGE_S, holding=key)
+            clean_tmp(self.root, self._lock, _STALE_TMP_AGE_S, holding=key)
             try:
                 tmp_dir = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.root / "tmp"))
             except OSError as exc:
@@ -328,17 +331,17 @@ class Cache:
             return self._discard(key, quarantine=False)
 
     def clear(self) -> int:
-        """Remove every entry (and the program records and the quarantine); returns the number of
-        entries removed."""
+        """Remove every entry (and the program records, the branch models and the quarantine);
+        returns the number of entries removed. Recorded traffic is the user's: it stays."""
         if not self._root_exists():
             return 0
         removed = sum(self.remove(key) for key in self._keys())
-        for sub in ("quarantine", "programs"):
+        for sub in ("quarantine", "programs", "branches"):
             folder = self.root / sub
             if folder.is_dir() and not folder.is_symlink():
                 for item in folder.iterdir():
                     remove_tree(item)
-        self._clean_tmp(0.0)
+        clean_tmp(self.root, self._lock, 0.0)
         return removed
 
     def prune(
@@ -355,6 +358,13 @@ class Cache:
     def _root_exists(self) -> bool:
         """Whether the root exists as a directory; raises CacheError if it is not safe to use."""
         return root_usable(self.root)
+
+    def model_dir(self, kind: str, model_hash: str) -> Path:
+        """A directory private to this user (0700) for one model's files of one ``kind``
+        (``traffic``, ``branches``): made if missing; refused if a link or another user's."""
+        check_key(model_hash)
+        self._ensure_dirs(kind)
+        return private_dir(self.root / kind / model_hash)
 
     def _ensure_dirs(self, *subdirs: str) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -455,35 +465,6 @@ class Cache:
             logger.debug("could not record the use of %s: %s", entry.key, exc)
             return entry
         return dataclasses.replace(entry, last_used=time.time())
-
-    def _clean_tmp(self, min_age: float, holding: Optional[str] = None) -> None:
-        """Delete leftovers of killed builds: old enough (any age for ``holding``, the key whose
-        lock the caller holds), and their key's lock is free."""
-        now = time.time()
-        for sub in ("tmp", "hashes"):
-            parent = self.root / sub
-            for name in listdir(parent):
-                path = parent / name
-                if sub == "hashes" and not name.startswith(".tmp-"):
-                    continue
-                key = name.split(".", 1)[0]
-                try:
-                    if key != holding and now - os.lstat(path).st_mtime < min_age:
-                        continue
-                except OSError:
-                    continue
-                if sub == "tmp" and KEY_RE.fullmatch(key):
-                    lock = self._lock(key)
-                    try:
-                        lock.acquire(timeout=0)
-                    except (filelock.Timeout, OSError):
-                        continue  # a build of that key is running
-                    try:
-                        remove_tree(path)
-                    finally:
-                        lock.release()
-                else:
-                    remove_tree(path)
 
 
 # -- module helpers -----------------------------------------------------------------------------

@@ -23,10 +23,10 @@ import numpy as np
 
 from ..buckets import NotWarmed, Oversize, ShapePolicy
 from ..cache import Cache
-from ..engine import make_policy
 from ..fitting import Fit, fits
 from ..model import ModelSource
 from ..options import RKNNOptions
+from ..padding import make_policy
 from ..traffic import Signature, read_traffic, traffic_dir
 from .common import UsageError
 

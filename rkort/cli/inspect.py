@@ -23,6 +23,7 @@ from ..cache import Cache
 from ..graph import default_opset
 from ..model import ModelSource
 from ..options import RKNNOptions
+from ..padding import make_policy
 from ..planner import Planner
 from ..platform import default_target
 from ..rules import CPU, NPU
@@ -38,15 +39,19 @@ def build_report(
     force_cpu: Collection[str] = (),
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     cache: Cache | None = None,
+    cpu_session: Any = None,
 ) -> dict[str, Any]:
     """The inspect report as plain data (what ``--json`` prints): the decision a session makes
-    for the signature, with the trial-build verdicts a warmed cache holds for it."""
+    for the signature, with the trial-build verdicts a warmed cache holds for it, and how each
+    dynamic dim is handled (padded to buckets or compiled per size, and why)."""
     path = os.fspath(model_path)
     source = ModelSource(path)
     proto = source.proto
     shapes, assumed = _signature(proto, input_shapes or {})
     options = RKNNOptions.parse({"target": target, "cpu_ops": ",".join(force_cpu)})
-    planner = Planner(source, options, cache if cache is not None else Cache())
+    cache = cache if cache is not None else Cache()
+    planner = Planner(source, options, cache)
+    dims = _dim_report(source, options, cache, cpu_session)
     decision, _ = planner.decide(shapes)
     plan = decision.plan if decision.plan is not None else planner.place(shapes, decision.rejected)
     notes = list(plan.notes)
@@ -104,7 +109,29 @@ def build_report(
             }
             for p in plan.placements
         ],
+        "dims": dims,
         "notes": notes,
+    }
+
+
+def _dim_report(
+    source: ModelSource, options: RKNNOptions, cache: Cache, cpu_session: Any
+) -> dict[str, dict[str, Any]]:
+    """Each dynamic dim: padded ("batch", "sequence", with its buckets) or "exact", and why."""
+    if cpu_session is None:
+        from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
+
+        cpu_session = InferenceSession(str(source.path), providers=["CPUExecutionProvider"])
+    policy = make_policy(
+        source, cpu_session.get_inputs(), cpu_session.get_outputs(), options, cache
+    )
+    return {
+        s: {
+            "kind": kind,
+            "buckets": list(policy.buckets[s]) if kind != "exact" else None,
+            "reason": policy.reasons.get(s, ""),
+        }
+        for s, kind in policy.kind.items()
     }
 
 
@@ -142,6 +169,12 @@ def format_text(report: Mapping[str, Any]) -> str:
             f"  {p['device']}  {p['op_type']:<{op_width}}  {p['node']:<{name_width}}  "
             f"[{where}]  {p['reason']}"
         )
+    for symbol, d in report.get("dims", {}).items():
+        if d["kind"] == "exact":
+            lines.append(f"dim '{symbol}': compiled per size: {d['reason']}")
+        else:
+            sizes = ",".join(map(str, d["buckets"]))
+            lines.append(f"dim '{symbol}': {d['kind']} padded to {sizes}: {d['reason']}")
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -198,7 +231,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
     # onnxruntime reads and checks the model first: its errors are the ones the session gives.
-    InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    cpu_session = InferenceSession(args.model, providers=["CPUExecutionProvider"])
     force = [x for x in (args.cpu_ops or "").split(",") + (args.cpu_nodes or "").split(",") if x]
     try:
         report = build_report(
@@ -207,6 +240,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             force,
             dict(args.shape or []),
             Cache(args.cache_dir),
+            cpu_session,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
