@@ -50,14 +50,8 @@ class App:
 #: Defects of rkort that keep a model off the NPU today and, under RKORT_STRICT=1, fail its
 #: session: model file name -> the exact message that identifies it (tests/test_zoo.py and
 #: compat/test_zoo_conformance.py expect a failure only with that message). Remove an entry when
-#: its defect is fixed.
-KNOWN_DEFECTS: dict[str, str] = {
-    # A model whose dims are all dynamic is checked at the signature with every dynamic dim 1
-    # (engine._check_npu_work); YOLOv8's concat of upsampled maps cannot run at 1 x 1 pixels.
-    "320n.onnx": "Non concat axis dimensions must match",
-    # paddle2onnx declares the dynamic batch as dim_value -1, read as a static -1 (graph.type_of).
-    "ch_ppocr_mobile_v2.0_cls_infer.onnx": "input shapes must be static, got ((-1,",
-}
+#: its defect is fixed. (None now: YOLOv8's all-dynamic dims and paddle2onnx's -1 batch are.)
+KNOWN_DEFECTS: dict[str, str] = {}
 
 
 def _close(what: str, want: float, got: float, tol: float) -> list[str]:
