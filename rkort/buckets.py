@@ -9,6 +9,10 @@ Per dynamic dimension (named by its symbol in the model, e.g. ``batch_size``):
 - *sequence*: the symbol at axis 1 of an attention-mask input. Positions past the mask do not
   change the valid part of the result, so it is padded to a sequence bucket (ids with the pad id,
   the mask and token type ids with 0, or the user's pad values).
+- *past* and *total*: a decoder's KV cache (:mod:`rkort.kvcache`): the past length is padded
+  on the left to a sequence bucket, the new tokens (*sequence*, buckets 1 and the sequence
+  buckets) on the right, and the mask and the present outputs along their sum (*total*) keep
+  the real positions as one window.
 - *exact*: anything else (image height and width, ...). Compiled for the observed size.
 
 Outputs are sliced back along every axis whose symbol was padded; the symbols of output axes come
@@ -28,22 +32,13 @@ import numpy as np
 import onnx
 
 from .errors import InvalidArgument, ort_error
+from .kvcache import KVLayout, find_layout, is_mask
 from .shapes import symbolic_output_dims
 
 log = logging.getLogger("rkort")
 
 DEFAULT_SEQUENCE_BUCKETS = (16, 32, 64, 128, 256, 512)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
-_MASK_NAMES = ("attention_mask", "input_mask", "mask")
-_ZERO_PAD_NAMES = (
-    "attention_mask",
-    "input_mask",
-    "mask",
-    "token_type_ids",
-    "segment_ids",
-    "position_ids",
-)
-
 Dim = Any  # int (fixed), str (a symbol) or None (unnamed dynamic)
 
 
@@ -101,6 +96,8 @@ class ShapePolicy:
         #: The pad values the user gave (the padding proof chooses the others).
         self.given_pad_values: dict[str, float] = dict(pad_values or {})
         self._fallback = False
+        #: A decoder's KV cache, when the model has one.
+        self.kv: KVLayout | None = None
         if self.static:
             self.pad_values: list[float] = [0.0] * len(inputs)
             return
@@ -137,18 +134,25 @@ class ShapePolicy:
                     "neither a batch (axis 0 of every output) nor a masked sequence (axis 1 of "
                     "an attention mask)"
                 )
+        kv = find_layout(self.input_names, self.input_dims) if traceable else None
+        if kv is not None and not {kv.past, kv.sequence, kv.total} & set(exact_dims):
+            self.kv = kv
+            for symbol, kind in ((kv.past, "past"), (kv.sequence, "sequence"), (kv.total, "total")):
+                self.kind[symbol] = kind
+                self.reasons.pop(symbol, None)
         bat = tuple(sorted(set(batch_buckets or DEFAULT_BATCH_BUCKETS)))
-        if sequence_buckets:
-            seq = tuple(sorted(set(sequence_buckets)))
-        else:
-            # Read from the model's position table only when asked for: a board uses the warmed
-            # shapes and never needs the graph.
-            self.buckets = _DefaultSequenceBuckets(
-                model, [s for s, k in self.kind.items() if k == "sequence"]
-            )
+        seq = tuple(sorted(set(sequence_buckets or ())))
+        # Read from the model's position table only when asked for: a board uses the warmed
+        # shapes and never needs the graph. A decoder's past always has these: ``buckets`` are
+        # its prompt lengths.
+        self.buckets = _DefaultSequenceBuckets(
+            model,
+            [s for s, k in self.kind.items() if k == "past" or (k == "sequence" and not seq)],
+            {self.kv.sequence} if self.kv else set(),
+        )
         for s, k in self.kind.items():
-            if k == "sequence" and sequence_buckets:
-                self.buckets[s] = seq
+            if k == "sequence" and seq:
+                self.buckets[s] = tuple(sorted({1, *seq})) if self.kv and s == self.kv.sequence else seq
             elif k == "batch":
                 self.buckets[s] = bat
         given = dict(pad_values or {})
@@ -203,7 +207,7 @@ class ShapePolicy:
 
     @property
     def padded_symbols(self) -> list[str]:
-        return [s for s, k in self.kind.items() if k in ("batch", "sequence")]
+        return [s for s, k in self.kind.items() if k in ("batch", "sequence", "past")]
 
     @property
     def exact(self) -> bool:
@@ -223,6 +227,8 @@ class ShapePolicy:
         return [self._signature(c) for c in combos]
 
     def _signature(self, sizes: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
+        if self.kv is not None:
+            sizes = {**sizes, self.kv.total: self.kv.derived(sizes)}
         return tuple(
             tuple(d if isinstance(d, int) else sizes[d] for d in dims) for dims in self.input_dims
         )
@@ -245,7 +251,7 @@ class ShapePolicy:
 
     def _plan_allowed(self, arrays: Sequence[np.ndarray]) -> RunPlan | None:
         actual = self._actual(arrays)
-        if actual is None or any(v == 0 for v in actual.values()):
+        if actual is None or self._empty(actual):
             return None
         assert self.allowed is not None
         batch = self.batch_symbol()
@@ -279,7 +285,7 @@ class ShapePolicy:
                 if isinstance(d, int):
                     if d != size:
                         return False
-                elif d == skip:
+                elif d == skip or self.kind.get(d) == "total":
                     continue
                 elif self.kind.get(d, "exact") == "exact":
                     if size != actual[d]:
@@ -307,12 +313,14 @@ class ShapePolicy:
         if self.static:
             return RunPlan(tuple(a.shape for a in arrays), (slice(None),), {})
         actual = self._actual(arrays)
-        if actual is None or any(v == 0 for v in actual.values()):
+        if actual is None or self._empty(actual):
             return None
         chunk = None
         sizes: dict[str, int] = {}
         for s, n in actual.items():
             kind = self.kind[s]
+            if kind == "total":
+                continue
             if kind == "exact":
                 sizes[s] = n
                 continue
@@ -336,6 +344,10 @@ class ShapePolicy:
             chunks = tuple(slice(i, min(i + size, actual[s])) for i in range(0, actual[s], size))
         return RunPlan(self._signature(sizes), chunks, actual)
 
+    def _empty(self, actual: Mapping[str, int]) -> bool:
+        """An empty dim (onnxruntime answers); a decoder's empty past is padded like any."""
+        return any(v == 0 for s, v in actual.items() if self.kind.get(s) != "past")
+
     def _where(self, symbol: str) -> tuple[str, int]:
         for name, dims in zip(self.input_names, self.input_dims):
             if symbol in dims:
@@ -348,14 +360,21 @@ class ShapePolicy:
     def pad(self, arrays: Sequence[np.ndarray], plan: RunPlan, chunk: slice) -> list[np.ndarray]:
         """Inputs cut to one batch chunk and padded to the plan's signature."""
         batch = self.batch_symbol()
+        kv, pad_past = self.kv, 0
+        if kv is not None:
+            actual = plan.actual or self._actual(arrays) or {}
+            pad_past = self.size_of(plan.signature, kv.past) - actual.get(kv.past, 0)
         out = []
         for a, dims, target, value in zip(arrays, self.input_dims, plan.signature, self.pad_values):
             if batch is not None and chunk != slice(None) and batch in dims:
                 index = [slice(None)] * a.ndim
                 index[dims.index(batch)] = chunk
                 a = a[tuple(index)]
-            widths = [(0, t - n) for n, t in zip(a.shape, target)]
-            if any(w for _, w in widths):
+            if kv is None:
+                widths = [(0, t - n) for n, t in zip(a.shape, target)]
+            else:
+                widths = [kv.widths(d, n, t, pad_past) for d, n, t in zip(dims, a.shape, target)]
+            if any(before or after for before, after in widths):
                 a = np.pad(
                     a, widths, mode="constant", constant_values=np.asarray(value).astype(a.dtype)
                 )
@@ -363,13 +382,24 @@ class ShapePolicy:
         return out
 
     def slice_outputs(
-        self, outputs: Sequence[np.ndarray], sizes: Mapping[str, int]
+        self,
+        outputs: Sequence[np.ndarray],
+        sizes: Mapping[str, int],
+        signature: tuple[tuple[int, ...], ...] | None = None,
     ) -> list[np.ndarray]:
-        """Outputs cut back along every padded symbol to the sizes in ``sizes``."""
+        """Outputs cut back along every padded symbol to the sizes in ``sizes`` (a decoder's
+        total to its real window in the padded ``signature``)."""
+        window = None
+        if self.kv is not None and signature is not None and self.kv.past in sizes:
+            window = self.kv.window(self.size_of(signature, self.kv.past), sizes)
         result = []
         for o, dims in zip(outputs, self.output_dims):
             index = tuple(
-                slice(0, sizes[d]) if isinstance(d, str) and d in sizes else slice(None)
+                window
+                if window is not None and d == self.kv.total  # type: ignore[union-attr]
+                else slice(0, sizes[d])
+                if isinstance(d, str) and d in sizes
+                else slice(None)
                 for d in dims
             )
             result.append(
@@ -382,7 +412,11 @@ class ShapePolicy:
     def chunk_sizes(self, plan: RunPlan, chunk: slice) -> dict[str, int]:
         """The actual size of each padded symbol within one chunk."""
         batch = self.batch_symbol()
-        sizes = {s: v for s, v in plan.actual.items() if self.kind.get(s) != "exact"}
+        sizes = {
+            s: v
+            for s, v in plan.actual.items()
+            if self.kind.get(s) != "exact" or (self.kv and s in (self.kv.past, self.kv.sequence))
+        }
         if batch is not None and chunk != slice(None):
             sizes[batch] = chunk.stop - chunk.start
         return sizes
@@ -403,15 +437,20 @@ class _DefaultSequenceBuckets(dict):  # type: ignore[type-arg]
     """Buckets by symbol; a sequence symbol's default buckets are read from the model on first
     use."""
 
-    def __init__(self, model: Any, sequence_symbols: Sequence[str]) -> None:
+    def __init__(
+        self, model: Any, sequence_symbols: Sequence[str], from_one: set[str] | None = None
+    ) -> None:
         super().__init__()
         self._model = model
         self._sequence = set(sequence_symbols)
+        self._from_one = from_one or set()
 
     def __missing__(self, symbol: str) -> tuple[int, ...]:
         if symbol not in self._sequence:
             raise KeyError(symbol)
         value = _default_sequence_buckets(self._model.proto)
+        if symbol in self._from_one:
+            value = (1, *value)  # a decoder's new tokens: one per step after the prompt
         self[symbol] = value
         return value
 
@@ -422,12 +461,6 @@ def _dim(d: Any, unnamed: str) -> Dim:
     if isinstance(d, int) and d >= 0:
         return d
     return d if isinstance(d, str) and d not in ("", "?") else unnamed
-
-
-def is_mask(name: str) -> bool:
-    """True for an input named as an attention mask."""
-    low = name.lower()
-    return any(m == low or low.endswith(m) for m in _MASK_NAMES)
 
 
 def _default_sequence_buckets(model: onnx.ModelProto) -> tuple[int, ...]:

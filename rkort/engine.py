@@ -408,7 +408,9 @@ class RKNNEngine:
         def one(chunk: slice) -> list[np.ndarray]:
             padded = self.policy.pad(arrays, plan, chunk)
             outs = program.run([contiguous(a) for a in padded], on_segment)
-            return self.policy.slice_outputs(outs, self.policy.chunk_sizes(plan, chunk))
+            return self.policy.slice_outputs(
+                outs, self.policy.chunk_sizes(plan, chunk), plan.signature
+            )
 
         if len(plan.chunks) == 1 or len(self.parts.core_masks()) == 1:
             return [one(chunk) for chunk in plan.chunks]

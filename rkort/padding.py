@@ -30,7 +30,7 @@ ADDITIVE_MASK_FILL = -10000.0
 #: Relative error (to the output's largest magnitude) below which a padded result agrees.
 _TOLERANCE = 1e-3
 #: Probe lengths: short enough to be cheap, long enough for a real bucket to pad them.
-_PROBE = {"sequence": 5, "batch": 3}
+_PROBE = {"sequence": 5, "batch": 3, "past": 3}
 
 
 def make_policy(
@@ -127,6 +127,8 @@ def _prove(
     actual = {s: _PROBE.get(policy.kind[s], 1) for s in policy.padded_symbols}
     for symbol in policy.input_symbols():
         actual.setdefault(symbol, 1)
+    if policy.kv is not None:
+        actual[policy.kv.total] = policy.kv.derived(actual)
     rng = np.random.default_rng(0)
     try:
         feed = _probe_feed(policy, proto, dtypes, actual, rng)
@@ -187,14 +189,15 @@ def _padded_error(
     try:
         for i, value in values.items():
             policy.pad_values[i] = value
-        padded = policy.pad_to(feed, policy.signature_for({**actual, symbol: padded_size}))
+        signature = policy.signature_for({**actual, symbol: padded_size})
+        padded = policy.pad_to(feed, signature)
     finally:
         policy.pad_values[:] = saved
     try:
         outputs = session.run(None, dict(zip(policy.input_names, padded)))
     except Exception as e:  # noqa: BLE001 - a model that refuses the padded shape
         return f"padding '{symbol}' makes onnxruntime fail ({type(e).__name__}: {str(e)[:200]})"
-    valid = policy.slice_outputs(outputs, {symbol: actual[symbol]})
+    valid = policy.slice_outputs(outputs, actual, signature)
     names = [o.name for o in session.get_outputs()]
     for name, got, want in zip(names, valid, reference):
         if got.shape != want.shape:
@@ -218,9 +221,10 @@ def _padded_error(
 
 
 def _why_padded(policy: ShapePolicy, symbol: str, padded: int) -> str:
-    what = "batch" if policy.kind[symbol] == "batch" else "sequence"
+    what = policy.kind[symbol]
+    where = " on the left (a KV cache)" if what == "past" else ""
     return (
-        f"{what} padded to buckets: a probe padded from {_PROBE[what]} to {padded} gave "
+        f"{what} padded to buckets{where}: a probe padded from {_PROBE[what]} to {padded} gave "
         "onnxruntime's unpadded result"
     )
 

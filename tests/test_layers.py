@@ -32,7 +32,7 @@ LAYERS: list[list[str]] = [
     ["rkort.cost"],
     ["rkort.placement"],
     # 3 shapes
-    ["rkort.shapes"],
+    ["rkort.shapes", "rkort.kvcache"],
     ["rkort.buckets"],
     ["rkort.hints"],
     # 4 compile

@@ -128,7 +128,7 @@ def _dim_report(
     return {
         s: {
             "kind": kind,
-            "buckets": list(policy.buckets[s]) if kind != "exact" else None,
+            "buckets": list(policy.buckets[s]) if kind not in ("exact", "total") else None,
             "reason": policy.reasons.get(s, ""),
         }
         for s, kind in policy.kind.items()

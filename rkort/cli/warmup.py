@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..buckets import ShapePolicy
 from ..cache import Cache
 from ..engine import make_policy, multi_shape_part
 from ..errors import InvalidArgument, Unsupported, ort_error
@@ -62,7 +63,12 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     try:
         try:
             if getattr(args, "from_traffic", False):
-                if args.shape or args.buckets or args.batch_buckets:
+                if (
+                    args.shape
+                    or args.buckets
+                    or args.batch_buckets
+                    or getattr(args, "max_new_tokens", None)
+                ):
                     raise UsageError(
                         "--from-traffic chooses the shapes: leave out --shape, --buckets and "
                         "--batch-buckets"
@@ -79,7 +85,10 @@ def cmd_warmup(args: argparse.Namespace) -> int:
             else:
                 policy = make_policy(model, sess.get_inputs(), sess.get_outputs(), options)
                 names = [i.name for i in sess.get_inputs()]
-                signatures = [dict(zip(names, s)) for s in policy.signatures()]
+                wanted = policy.signatures()
+                if getattr(args, "max_new_tokens", None) is not None:
+                    wanted = generation_signatures(policy, args.max_new_tokens)
+                signatures = [dict(zip(names, s)) for s in wanted]
                 if not signatures:
                     exact = [s for s, k in policy.kind.items() if k == "exact"]
                     raise UsageError(
@@ -118,6 +127,33 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         return report.done()
     finally:
         planner.close()
+
+
+def generation_signatures(
+    policy: ShapePolicy, max_new_tokens: int
+) -> list[tuple[tuple[int, ...], ...]]:
+    """The shapes a decoder's generations of up to ``max_new_tokens`` need, for every prompt
+    bucket and batch bucket: the prompt with an empty past (padded to the smallest past bucket),
+    then one new token with each past bucket up to the longest prompt plus the new tokens."""
+    kv = policy.kv
+    if kv is None or policy.exact:
+        raise UsageError(
+            "--max-new-tokens is for a decoder with a KV cache whose dims are padded "
+            "(past_key_values.* inputs and an attention mask over past + new tokens)"
+        )
+    prompts = [b for b in policy.buckets[kv.sequence] if b > 1]
+    pasts = policy.buckets[kv.past]
+    longest = (prompts[-1] if prompts else 1) + max(max_new_tokens, 1) - 1
+    reach = next((p for p in pasts if p >= longest), pasts[-1])
+    steps = [(b, pasts[0]) for b in prompts] + [(1, p) for p in pasts if p <= reach]
+    batch = policy.batch_symbol()
+    batches = policy.buckets[batch] if batch else (None,)
+    found = []
+    for n in batches:
+        for new, past in steps:
+            sizes = {kv.sequence: new, kv.past: past, **({batch: n} if batch else {})}
+            found.append(policy.signature_for(sizes))
+    return list(dict.fromkeys(found))
 
 
 def _store_fitted(planner: Planner, fitted: TrafficFit, max_shapes: int) -> None:
@@ -203,6 +239,14 @@ def add_traffic_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_SHAPES,
         metavar="K",
         help=f"with --from-traffic: shapes to fit (default {DEFAULT_MAX_SHAPES})",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        metavar="N",
+        help="a decoder with a KV cache: compile the shapes generate() needs for prompts up to "
+        "the largest of --buckets and up to N new tokens (no compile during generation)",
     )
 
 

@@ -39,21 +39,29 @@ def _install_rkort() -> None:
 
 
 class _WhenOnnxruntimeLoads:
-    """Calls rkort.install() right after the module ``onnxruntime`` has been executed."""
+    """Calls rkort.install() right after the module ``onnxruntime`` has been executed. It stays
+    on sys.meta_path until then: transformers and optimum ask ``importlib.util.find_spec`` whether
+    onnxruntime is installed long before they import it."""
 
     def find_spec(
         self, fullname: str, path: object = None, target: object = None
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "onnxruntime":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        spec = None
+        for finder in [f for f in sys.meta_path if f is not self]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_install(module: types.ModuleType) -> None:
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _install_rkort()
 
         spec.loader.exec_module = exec_then_install  # type: ignore[method-assign]

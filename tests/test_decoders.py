@@ -1,0 +1,221 @@
+"""Decoders with a KV cache on the NPU: optimum's ORTModelForCausalLM (GPT-2 and a Llama-style
+model, tiny, random weights, exported here) runs ``generate()`` with ``provider="RKNN"``, greedy
+and beam search, and gives the CPU provider's tokens, every step one NPU call of a bounded set of
+compiled shapes (the past padded on the left, see rkort.kvcache); warmed with
+``rkort warmup --max-new-tokens``, a rehearsed board generates without compiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import rkort
+from tests.conftest import needs_rknn
+
+pytestmark = needs_rknn
+
+PROMPT = [[5, 17, 33, 2, 9]]
+NEW_TOKENS = 12
+
+
+def _export(kind: str, directory: Path) -> Path:
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=128)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=64,
+            intermediate_size=128,
+            vocab_size=128,
+            max_position_embeddings=128,
+        )
+        model = LlamaForCausalLM(config)
+    model.eval()
+    model.save_pretrained(directory / "torch")
+    exported = ORTModelForCausalLM.from_pretrained(directory / "torch", export=True, use_cache=True)
+    exported.save_pretrained(directory / "onnx")
+    return directory / "onnx"
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def decoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _generate(model: Any, **kw: Any) -> np.ndarray:
+    import torch
+
+    ids = torch.tensor(PROMPT)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        **kw,
+    )
+    return out.numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
+
+
+def test_generate_gives_the_cpu_tokens_one_npu_call_a_step(decoder: Path, tmp_path: Path) -> None:
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    rkort.install()
+    cpu = ORTModelForCausalLM.from_pretrained(decoder, use_cache=True)
+    npu = ORTModelForCausalLM.from_pretrained(
+        decoder,
+        use_cache=True,
+        provider="RKNN",
+        provider_options={"cache_dir": str(tmp_path / "cache")},
+    )
+    assert npu.session.get_providers()[0] == "RKNNExecutionProvider"
+    for kw in ({"num_beams": 1}, {"num_beams": 2}):
+        np.testing.assert_array_equal(_generate(npu, **kw), _generate(cpu, **kw))
+    stats = rkort.session_stats(npu.session)
+    # One call per generated token, each answered by the NPU.
+    assert stats["npu_calls"] == 2 * NEW_TOKENS and stats["cpu_calls"] == 0, stats
+    # Prompt and steps for batch 1 (greedy) and 2 (two beams): the 5-token prompt padded to 16
+    # with an empty past padded to 16, then one token with pasts of 5..16 padded to 16.
+    assert stats["compiles"] == 4, stats
+
+
+def test_padded_steps_match_onnxruntime(decoder: Path, tmp_path: Path) -> None:
+    """The logits and the present keys/values of a prompt and of a step with a real past: the
+    NPU's, after padding and slicing, are onnxruntime's."""
+    path = str(decoder / "model.onnx")
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess = rkort.InferenceSession(
+        path,
+        providers=[
+            ("RKNNExecutionProvider", {"cache_dir": str(tmp_path / "cache")}),
+            "CPUExecutionProvider",
+        ],
+    )
+    names = [i.name for i in ref.get_inputs()]
+    pasts = [n for n in names if n.startswith("past_key_values")]
+    heads, dim = (
+        ref.get_inputs()[names.index(pasts[0])].shape[1],
+        ref.get_inputs()[names.index(pasts[0])].shape[3],
+    )
+    ids = np.array(PROMPT, np.int64)
+    feed: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        **{n: np.zeros((1, heads, 0, dim), np.float32) for n in pasts},
+    }
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+    for step in range(2):
+        want = ref.run(None, feed)
+        got = sess.run(None, feed)
+        for w, g in zip(want, got):
+            assert w.shape == g.shape
+            assert _cosine(w, g) >= 0.999, step
+        past_len = want[1].shape[2]
+        feed = {
+            "input_ids": np.argmax(want[0][:, -1:], axis=-1).astype(np.int64),
+            "attention_mask": np.ones((1, past_len + 1), np.int64),
+            **dict(zip(pasts, want[1:])),
+        }
+        if "position_ids" in names:
+            feed["position_ids"] = np.array([[past_len]], np.int64)
+    stats = rkort.session_stats(sess)
+    assert stats["npu_calls"] == 2 and stats["cpu_calls"] == 0, stats
+
+
+APP = """
+import json, sys
+import torch
+from optimum.onnxruntime import ORTModelForCausalLM
+import rkort
+
+model = ORTModelForCausalLM.from_pretrained(sys.argv[1], use_cache=True)
+ids = torch.tensor(json.loads(sys.argv[2]))
+out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                     max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]), pad_token_id=0)
+with open(sys.argv[4], "w") as f:
+    json.dump({"tokens": out.tolist(), "stats": rkort.session_stats(model.session)}, f)
+"""
+
+
+def _rkort(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RKORT_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("RKORT_BOARD", None)
+    return subprocess.run(
+        [sys.executable, "-m", "rkort", *args], capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+def test_a_warmed_board_generates_without_compiling(tmp_path: Path) -> None:
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    decoder = _export("gpt2", tmp_path)
+    cache = tmp_path / "cache"
+    warm = _rkort(
+        "warmup",
+        str(decoder / "model.onnx"),
+        "-q",
+        "--buckets",
+        "16",
+        "--batch-buckets",
+        "1",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        cache=cache,
+    )
+    assert warm.returncode == 0, warm.stderr
+    app, out = tmp_path / "app.py", tmp_path / "out.json"
+    app.write_text(APP)
+    done = _rkort(
+        "run",
+        "--board",
+        "rk3588",
+        "--",
+        sys.executable,
+        str(app),
+        str(decoder),
+        json.dumps(PROMPT),
+        str(NEW_TOKENS),
+        str(out),
+        cache=cache,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    cpu = ORTModelForCausalLM.from_pretrained(
+        decoder, use_cache=True, provider="CPUExecutionProvider"
+    )
+    assert result["tokens"] == _generate(cpu).tolist()
+    stats = result["stats"]
+    assert stats["compiles"] == 0 and stats["cpu_calls"] == 0, stats
+    assert stats["npu_calls"] == NEW_TOKENS and stats["blobs_loaded"] >= 2, stats
+
+
+def test_warmup_refuses_max_new_tokens_for_a_model_without_a_kv_cache(tmp_path: Path) -> None:
+    from tests.models import mlp  # any model without past_key_values inputs
+
+    path = mlp(tmp_path).path
+    done = _rkort("warmup", str(path), "--max-new-tokens", "8", cache=tmp_path / "cache")
+    assert done.returncode != 0
+    assert "--max-new-tokens is for a decoder with a KV cache" in done.stderr
