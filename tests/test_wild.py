@@ -175,7 +175,6 @@ def test_the_test_suite_runs_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_inf_from_float16_is_recomputed_on_the_cpu(tmp_path: Path) -> None:
     """An intermediate beyond float16's range (the result is finite in float32). Exp overflows:
     the simulator spins for ever on a MatMul whose products overflow, so the test avoids one."""
-    rng = np.random.default_rng(0)
     path = _model(
         tmp_path / "overflow.onnx",
         [
