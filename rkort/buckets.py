@@ -152,7 +152,9 @@ class ShapePolicy:
         )
         for s, k in self.kind.items():
             if k == "sequence" and seq:
-                self.buckets[s] = tuple(sorted({1, *seq})) if self.kv and s == self.kv.sequence else seq
+                self.buckets[s] = (
+                    tuple(sorted({1, *seq})) if self.kv and s == self.kv.sequence else seq
+                )
             elif k == "batch":
                 self.buckets[s] = bat
         given = dict(pad_values or {})

@@ -147,11 +147,12 @@ def generation_signatures(
     reach = next((p for p in pasts if p >= longest), pasts[-1])
     steps = [(b, pasts[0]) for b in prompts] + [(1, p) for p in pasts if p <= reach]
     batch = policy.batch_symbol()
-    batches = policy.buckets[batch] if batch else (None,)
     found = []
-    for n in batches:
+    for n in policy.buckets[batch] if batch else (0,):
         for new, past in steps:
-            sizes = {kv.sequence: new, kv.past: past, **({batch: n} if batch else {})}
+            sizes = {kv.sequence: new, kv.past: past}
+            if batch:
+                sizes[batch] = n
             found.append(policy.signature_for(sizes))
     return list(dict.fromkeys(found))
 
