@@ -432,8 +432,10 @@ def test_a_board_runs_from_a_read_only_http_remote(
     https_like: str, mlp: models.TestModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     env = {"RKORT_REMOTE_CACHE": https_like, "RKORT_REMOTE_WRITE": "1"}
-    _, stats = rehearse(mlp, tmp_path / "board", tmp_path, env)
-    assert stats["compiles"] == 0 and stats["blobs_loaded"] == 1 and stats["npu_calls"] == 1
+    done, stats = rehearse(mlp, tmp_path / "board", tmp_path, env)
+    assert stats["compiles"] == 0 and stats["blobs_loaded"] == 1 and stats["npu_calls"] == 1, (
+        done.stderr
+    )
     caplog.set_level(logging.WARNING, logger="rkort.cache")
     cache = Cache(tmp_path / "writer", remote=https_like + "/", remote_write=True)
     for n in range(2):

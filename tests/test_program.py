@@ -309,8 +309,10 @@ def test_external_data_on_the_simulator(tmp_path: Path) -> None:
 
 @needs_toolkit
 def test_a_node_the_converter_names_goes_to_the_cpu(tmp_path: Path) -> None:
-    """A caller's plan that puts a Range with a runtime input on the NPU: the toolkit refuses it
-    by name, that node goes to the CPU, and the program still matches onnxruntime."""
+    """A caller's plan that puts a Range with a runtime input on the NPU: the trial build refuses
+    it (by the node's name, or by its output whose shape a static build cannot know: the 0-d
+    input 'n' reaches the build as a [1] vector), that node goes to the CPU, and the program
+    still matches onnxruntime."""
     model = models.runtime_range(tmp_path)
     wrong = [Segment(0, NPU, ("layer1", "range"), ("x", "n"), ("y", "r"))]
     with make_program(
@@ -319,7 +321,8 @@ def test_a_node_the_converter_names_goes_to_the_cpu(tmp_path: Path) -> None:
         by = {p.node_name: p for p in program.placements}
         assert by["range"].device == CPU
         assert by["range"].reason.startswith("a trial build rejects it")
-        assert "Range('range')" in by["range"].reason
+        reason = by["range"].reason
+        assert "Range('range')" in reason or "the shape of 'r' cannot be inferred" in reason
         assert program.rejected.keys() == {"range"}
         assert program.trial_builds == 2  # the refused build, then layer1 alone
         feed = model.make_feed(0)

@@ -294,7 +294,16 @@ class Remote:
         if not self.write or not self._usable():
             return False
         if self.protocol in _READ_ONLY:
-            self._failed("publishing", PermissionError(f"{self.protocol}:// remotes are read-only"))
+            # Publishing is off; fetching goes on (the remote itself is fine).
+            self.write = False
+            token = object()
+            first = _warned.setdefault(f"{self.url} write", token) is token
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "remote cache %s: %s:// remotes are read-only; not publishing to it",
+                self.url,
+                self.protocol,
+            )
             return False
         return True
 

@@ -362,7 +362,8 @@ class Cache:
     def model_dir(self, kind: str, model_hash: str) -> Path:
         """A directory private to this user (0700) for one model's files of one ``kind``
         (``traffic``, ``branches``): made if missing; refused if a link or another user's."""
-        check_key(model_hash)
+        if not model_hash.isalnum():  # one plain path component, never a way out of the root
+            raise ValueError(f"not a model hash: {model_hash!r}")
         self._ensure_dirs(kind)
         return private_dir(self.root / kind / model_hash)
 
