@@ -2,7 +2,7 @@
 2-core host. Each benchmark prints its table and writes it to benchmarks/results/<name>.md; this
 script also writes benchmarks/results/ALL.md (the latest table of each, in order).
 
-    .venv/bin/python benchmarks/run_all.py [--only run_overhead throughput compile cache_lookup placement buckets]
+    .venv/bin/python benchmarks/run_all.py [--only run_overhead throughput compile cache_lookup placement buckets zoo decoding]
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-BENCHMARKS = ("run_overhead", "throughput", "compile", "cache_lookup", "placement", "buckets")
+BENCHMARKS = (
+    "run_overhead",
+    "throughput",
+    "compile",
+    "cache_lookup",
+    "placement",
+    "buckets",
+    "zoo",
+    "decoding",
+)
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 
 import rkort
+from rkort.integrations.example import build_decoder
 from tests.conftest import needs_rknn
 
 pytestmark = needs_rknn
@@ -26,36 +27,9 @@ PROMPT = [[5, 17, 33, 2, 9]]
 NEW_TOKENS = 12
 
 
-def _export(kind: str, directory: Path) -> Path:
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=128)
-        model = GPT2LMHeadModel(config)
-    else:
-        config = LlamaConfig(
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=64,
-            intermediate_size=128,
-            vocab_size=128,
-            max_position_embeddings=128,
-        )
-        model = LlamaForCausalLM(config)
-    model.eval()
-    model.save_pretrained(directory / "torch")
-    exported = ORTModelForCausalLM.from_pretrained(directory / "torch", export=True, use_cache=True)
-    exported.save_pretrained(directory / "onnx")
-    return directory / "onnx"
-
-
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def decoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(request.param, tmp_path_factory.mktemp(request.param))
+    return build_decoder(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _generate(model: Any, **kw: Any) -> np.ndarray:
@@ -171,7 +145,7 @@ def _rkort(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
 def test_a_warmed_board_generates_without_compiling(tmp_path: Path) -> None:
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    decoder = _export("gpt2", tmp_path)
+    decoder = build_decoder(tmp_path, "gpt2")
     cache = tmp_path / "cache"
     warm = _rkort(
         "warmup",

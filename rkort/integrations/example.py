@@ -6,7 +6,9 @@ Writes into DIR, with nothing downloaded:
   ``save_pretrained`` (a vocabulary written here);
 - ``DIR/onnx``: that model exported by optimum (dynamic batch and sequence axes), with its
   tokenizer, ready for ``ORTModelForSequenceClassification.from_pretrained``;
-- ``DIR/app.py``: an onnxruntime program written without rkort in mind, for ``rkort run``.
+- ``DIR/app.py``: an onnxruntime program written without rkort in mind, for ``rkort run``;
+- with ``--decoder gpt2`` or ``--decoder llama`` instead: ``DIR/onnx``, a small causal language
+  model (random weights) exported by optimum with a KV cache, for ``ORTModelForCausalLM``.
 
 Needs the ``hf`` extra (transformers, optimum, torch).
 """
@@ -75,9 +77,52 @@ def build(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def build_decoder(
+    directory: Path, family: str = "gpt2", layers: int = 2, width: int = 64, seed: int = 0
+) -> Path:
+    """A causal LM of ``family`` ("gpt2", or "llama": rotary positions, grouped KV heads) with
+    random weights, exported by optimum with a KV cache into ``directory/onnx``; returns that."""
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(2, width // 32)
+    if family == "gpt2":
+        config = GPT2Config(
+            n_layer=layers, n_head=heads, n_embd=width, vocab_size=1000, n_positions=256
+        )
+        model = GPT2LMHeadModel(config)
+    elif family == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads // 2,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                vocab_size=1000,
+                max_position_embeddings=256,
+            )
+        )
+    else:
+        raise ValueError(f"family {family!r}: gpt2 or llama")
+    model.eval().save_pretrained(directory / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer chatter
+        exported = ORTModelForCausalLM.from_pretrained(
+            directory / "hf", export=True, use_cache=True
+        )
+    exported.save_pretrained(directory / "onnx")
+    return directory / "onnx"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path)
+    parser.add_argument(
+        "--decoder", choices=("gpt2", "llama"), help="build a causal LM with a KV cache instead"
+    )
     args = parser.parse_args()
     import logging
 
@@ -85,6 +130,9 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     logging.getLogger("optimum").setLevel(logging.ERROR)
+    if args.decoder:
+        print(f"optimum ONNX export with a KV cache: {build_decoder(args.directory, args.decoder)}")
+        return
     out = build(args.directory)
     print(f"transformers model: {out / 'hf'}")
     print(f"optimum ONNX export: {out / 'onnx'}")
