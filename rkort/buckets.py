@@ -140,6 +140,10 @@ class ShapePolicy:
             for symbol, kind in ((kv.past, "past"), (kv.sequence, "sequence"), (kv.total, "total")):
                 self.kind[symbol] = kind
                 self.reasons.pop(symbol, None)
+            self.reasons[kv.total] = (
+                "past + new tokens: the mask and the present outputs keep the real positions "
+                "as one window (the past padded on the left)"
+            )
         bat = tuple(sorted(set(batch_buckets or DEFAULT_BATCH_BUCKETS)))
         seq = tuple(sorted(set(sequence_buckets or ())))
         # Read from the model's position table only when asked for: a board uses the warmed

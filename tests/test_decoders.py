@@ -193,3 +193,12 @@ def test_warmup_refuses_max_new_tokens_for_a_model_without_a_kv_cache(tmp_path: 
     done = _rkort("warmup", str(path), "--max-new-tokens", "8", cache=tmp_path / "cache")
     assert done.returncode != 0
     assert "--max-new-tokens is for a decoder with a KV cache" in done.stderr
+
+
+def test_inspect_says_how_the_kv_cache_is_padded(decoder: Path, tmp_path: Path) -> None:
+    done = _rkort("inspect", str(decoder / "model.onnx"), cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert "dim 'past_sequence_length': past padded to 16," in done.stdout
+    assert "padded to buckets on the left (a KV cache)" in done.stdout
+    assert "dim 'sequence_length': sequence padded to 1,16," in done.stdout
+    assert "dim 'past_sequence_length + sequence_length': total: past + new tokens" in done.stdout

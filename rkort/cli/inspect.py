@@ -172,6 +172,8 @@ def format_text(report: Mapping[str, Any]) -> str:
     for symbol, d in report.get("dims", {}).items():
         if d["kind"] == "exact":
             lines.append(f"dim '{symbol}': compiled per size: {d['reason']}")
+        elif d["buckets"] is None:
+            lines.append(f"dim '{symbol}': {d['kind']}: {d['reason']}")
         else:
             sizes = ",".join(map(str, d["buckets"]))
             lines.append(f"dim '{symbol}': {d['kind']} padded to {sizes}: {d['reason']}")
