@@ -157,12 +157,19 @@ def _librknnrt_version_in(path: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def toolkit_lite_version() -> str | None:
-    """The installed rknn-toolkit-lite2 (the board runtime's Python API) version, if any."""
+@functools.cache
+def _installed_version(distribution: str) -> str | None:
+    """A distribution's installed version, read once per process (importlib.metadata scans
+    every path entry: milliseconds on each session open otherwise)."""
     try:
-        return importlib.metadata.version("rknn-toolkit-lite2")
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def toolkit_lite_version() -> str | None:
+    """The installed rknn-toolkit-lite2 (the board runtime's Python API) version, if any."""
+    return _installed_version("rknn-toolkit-lite2")
 
 
 def toolkit_version() -> str | None:
@@ -173,10 +180,7 @@ def toolkit_version() -> str | None:
     """
     if importlib.util.find_spec("rknn") is None:
         return None
-    try:
-        return importlib.metadata.version("rknn-toolkit2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return _installed_version("rknn-toolkit2")
 
 
 def board_runtime_importable() -> bool:
