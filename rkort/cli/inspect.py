@@ -21,6 +21,7 @@ import onnx
 from .. import placement
 from ..cache import Cache
 from ..graph import default_opset
+from ..kvcache import find_layout
 from ..model import ModelSource
 from ..options import RKNNOptions
 from ..padding import make_policy
@@ -197,12 +198,20 @@ def _shown_device(
 def _signature(
     proto: onnx.ModelProto, given: Mapping[str, Sequence[int]]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """(every input's shape, those whose dynamic dims were taken as 1)."""
+    """(every input's shape, those whose dynamic dims were taken as 1; a decoder's past + new
+    tokens as 2, so the estimate's shapes agree)."""
     shapes = signature_of(proto, given, fill=1)
     declared = declared_types(proto)
-    assumed = {
-        n: s for n, s in shapes.items() if n not in given and declared[n].static_shape is None
-    }
+    names = list(shapes)
+    kv = find_layout(names, [declared[n].shape or () for n in names])
+    assumed: dict[str, tuple[int, ...]] = {}
+    for n, shape in shapes.items():
+        dims = declared[n].shape
+        if n in given or declared[n].static_shape is not None or dims is None:
+            continue
+        if kv is not None:
+            shape = tuple(2 if d == kv.total else size for d, size in zip(dims, shape))
+        shapes[n] = assumed[n] = shape
     return shapes, assumed
 
 
