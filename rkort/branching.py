@@ -29,6 +29,7 @@ from .cache import Cache, make_key
 from .engine import CpuCall, RKNNEngine
 from .errors import Unsupported
 from .files import owned_tempdir, write_atomic
+from .masked import MaskedEngine, model_mask
 from .model import ModelSource
 from .options import RKNNOptions
 from .stats import SessionStats
@@ -46,13 +47,17 @@ def open_engine(
     options: RKNNOptions,
     stats: SessionStats | None = None,
     cpu_options: Any = None,
-) -> RKNNEngine | BranchEngine:
-    """The engine for a session of ``model``: one per branch of its runtime Ifs, or one."""
+) -> RKNNEngine | BranchEngine | MaskedEngine:
+    """The engine for a session of ``model``: one per branch of its runtime Ifs, one on its copy
+    with a mask over the past (a decoder exported without one), or one."""
     cache = Cache(options.cache_dir)
     split = model_branching(model, cache)
-    if not split.ifs:
-        return RKNNEngine(model, inputs, outputs, options, stats, cpu_options)
-    return BranchEngine(model, split, inputs, outputs, options, stats, cpu_options)
+    if split.ifs:
+        return BranchEngine(model, split, inputs, outputs, options, stats, cpu_options)
+    mask = model_mask(model, cache)
+    if mask is not None:
+        return MaskedEngine(model, mask, inputs, outputs, options, stats, cpu_options)
+    return RKNNEngine(model, inputs, outputs, options, stats, cpu_options)
 
 
 def model_branching(model: ModelSource, cache: Cache) -> Branching:

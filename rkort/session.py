@@ -29,6 +29,7 @@ from .errors import EPFail, Unsupported, ort_error
 from .face import recorded_face
 from .feed import dtype_of, output_indices, prepare
 from .iobinding import IOBinding
+from .masked import MaskedEngine
 from .model import ModelSource
 from .options import ALIASES, PROVIDER, RKNNOptions
 from .profiling import Profiler
@@ -111,7 +112,7 @@ class InferenceSession(_OrtSession):
     ``rkort.options.KNOWN``). Everything else behaves as onnxruntime's session.
     """
 
-    _rknn: RKNNEngine | BranchEngine | None = None
+    _rknn: RKNNEngine | BranchEngine | MaskedEngine | None = None
     # onnxruntime's own attributes this class reads and sets.
     _model_path: Any
     _model_bytes: Any
@@ -189,7 +190,7 @@ class InferenceSession(_OrtSession):
         finally:
             self._model_path, self._model_bytes = path, data
 
-    def _settle(self, engine: RKNNEngine | BranchEngine) -> None:
+    def _settle(self, engine: RKNNEngine | BranchEngine | MaskedEngine) -> None:
         """The NPU runs the whole model: keep onnxruntime on the model's face only (the whole
         model is loaded again if a call ever needs the CPU)."""
         assert self._source is not None
@@ -350,7 +351,8 @@ class InferenceSession(_OrtSession):
         self._validate_input(list(input_feed.keys()))
         with self._failing:
             if self._async is None:
-                workers = max(2, len(self._rknn.parts.core_masks()))
+                parts = getattr(self._rknn, "parts", None)  # a BranchEngine has one per branch
+                workers = max(2, len(parts.core_masks()) if parts is not None else 2)
                 self._async = ThreadPoolExecutor(workers, thread_name_prefix="rkort-async")
             pool = self._async
 

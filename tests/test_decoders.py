@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 import rkort
-from rkort.integrations.example import build_decoder
+from rkort.integrations.example import build_decoder, build_seq2seq
 from tests.conftest import needs_rknn
 
 pytestmark = needs_rknn
@@ -202,3 +202,49 @@ def test_inspect_says_how_the_kv_cache_is_padded(decoder: Path, tmp_path: Path) 
     assert "padded to buckets on the left (a KV cache)" in done.stdout
     assert "dim 'sequence_length': sequence padded to 1,16," in done.stdout
     assert "dim 'past_sequence_length + sequence_length': total: past + new tokens" in done.stdout
+
+
+@pytest.fixture(scope="module", params=["t5", "bart", "whisper"])
+def seq2seq(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    return request.param, build_seq2seq(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_seq2seq_generate_gives_the_cpu_tokens(seq2seq: tuple[str, Path], tmp_path: Path) -> None:
+    """ORTModelForSeq2SeqLM (T5, BART) and ORTModelForSpeechSeq2Seq (Whisper): the CPU's tokens,
+    greedy and with two beams, every call of encoder and decoders on the NPU. T5's decoder takes no
+    mask over its past: rkort adds one (rkort.selfmask) and buckets the past (2 compiles: batch 1
+    and 2). BART and Whisper compute positions from the past's length, so padding it changes the
+    logits: the probe keeps their past exact (one shape per step)."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
+
+    family, path = seq2seq
+    rkort.install()
+    cls = ORTModelForSpeechSeq2Seq if family == "whisper" else ORTModelForSeq2SeqLM
+    cpu = cls.from_pretrained(path, use_cache=True)
+    npu = cls.from_pretrained(
+        path, use_cache=True, provider="RKNN", provider_options={"cache_dir": str(tmp_path / "c")}
+    )
+    if family == "whisper":
+        feed = {
+            "input_features": torch.from_numpy(
+                np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+            )
+        }
+    else:
+        ids = torch.tensor([[5, 17, 33, 2, 9, 1]])
+        feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for beams in (1, 2):
+        kw = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "num_beams": beams}
+        np.testing.assert_array_equal(npu.generate(**feed, **kw), cpu.generate(**feed, **kw))
+    stats = {
+        part: rkort.session_stats(getattr(npu, part).session)
+        for part in ("encoder", "decoder", "decoder_with_past")
+    }
+    for part, s in stats.items():
+        assert s["cpu_calls"] == 0 and s["npu_calls"] >= 2, (part, s)
+    steps = stats["decoder_with_past"]
+    assert steps["npu_calls"] == 18, steps  # 9 steps with a past, for 1 and for 2 beams
+    assert steps["compiles"] == (2 if family == "t5" else 18), steps

@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
     # 3 shapes
     ["rkort.shapes", "rkort.kvcache"],
     ["rkort.buckets"],
-    ["rkort.hints"],
+    ["rkort.hints", "rkort.selfmask"],
     # 4 compile
     ["rkort.spec"],
     ["rkort.toolkit.protocol", "rkort.toolkit.console", "rkort.toolkit.hybrid"],
@@ -69,6 +69,7 @@ LAYERS: list[list[str]] = [
     ["rkort.program", "rkort.parts"],
     ["rkort.multishape"],
     ["rkort.engine"],
+    ["rkort.masked"],
     ["rkort.branching"],
     # 7 the session face
     ["rkort.providers", "rkort.iobinding", "rkort.calls"],

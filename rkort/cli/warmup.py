@@ -8,6 +8,7 @@ its sessions then use as their buckets (on a board every warmed shape is one any
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from ..buckets import ShapePolicy
 from ..cache import Cache
 from ..engine import make_policy, multi_shape_part
 from ..errors import InvalidArgument, Unsupported, ort_error
+from ..masked import masked_source
 from ..model import ModelSource
 from ..options import RKNNOptions
 from ..parts import blob_meta, build_blob
@@ -58,6 +60,10 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     # onnxruntime reads and checks the model first: its errors are the ones the session gives.
     sess = InferenceSession(args.model, providers=["CPUExecutionProvider"])
     model = ModelSource(args.model)
+    masked = masked_source(model, Cache(args.cache_dir))
+    if masked is not None:  # a decoder given a mask over its past: its sessions run the copy
+        model = masked
+        sess = InferenceSession(str(masked.path), providers=["CPUExecutionProvider"])
     planner = Planner(model, options, Cache(args.cache_dir))
     fitted: TrafficFit | None = None
     try:
@@ -146,13 +152,12 @@ def generation_signatures(
     longest = (prompts[-1] if prompts else 1) + max(max_new_tokens, 1) - 1
     reach = next((p for p in pasts if p >= longest), pasts[-1])
     steps = [(b, pasts[0]) for b in prompts] + [(1, p) for p in pasts if p <= reach]
-    batch = policy.batch_symbol()
+    # Every other padded dim (the batch, an encoder's length) at each of its buckets.
+    others = [s for s in policy.padded_symbols if s not in (kv.past, kv.sequence)]
     found = []
-    for n in policy.buckets[batch] if batch else (0,):
+    for combo in itertools.product(*(policy.buckets[s] for s in others)):
         for new, past in steps:
-            sizes = {kv.sequence: new, kv.past: past}
-            if batch:
-                sizes[batch] = n
+            sizes = {kv.sequence: new, kv.past: past, **dict(zip(others, combo))}
             found.append(policy.signature_for(sizes))
     return list(dict.fromkeys(found))
 

@@ -117,6 +117,62 @@ def build_decoder(
     return directory / "onnx"
 
 
+def build_seq2seq(directory: Path, family: str = "t5", seed: int = 0) -> Path:
+    """A small encoder-decoder of ``family`` ("t5", "bart" or "whisper") with random weights,
+    exported by optimum with a KV cache into ``directory/onnx``; returns that."""
+    import torch
+    import transformers as tf
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
+
+    torch.manual_seed(seed)
+    small = {"vocab_size": 1000, "d_model": 64, "decoder_start_token_id": 2}
+    if family == "t5":
+        model = tf.T5ForConditionalGeneration(
+            tf.T5Config(d_kv=16, d_ff=128, num_layers=2, num_heads=4, **small)
+        )
+    elif family == "bart":
+        layers = {"encoder_layers": 2, "decoder_layers": 2, "encoder_ffn_dim": 128}
+        model = tf.BartForConditionalGeneration(
+            tf.BartConfig(
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                decoder_ffn_dim=128,
+                max_position_embeddings=256,
+                **layers,
+                **small,
+            )
+        )
+    elif family == "whisper":
+        model = tf.WhisperForConditionalGeneration(
+            tf.WhisperConfig(
+                num_mel_bins=80,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                max_source_positions=1500,
+                max_target_positions=128,
+                pad_token_id=1,
+                bos_token_id=1,
+                eos_token_id=999,
+                suppress_tokens=[],
+                begin_suppress_tokens=[],
+                **small,
+            )
+        )
+    else:
+        raise ValueError(f"family {family!r}: t5, bart or whisper")
+    model.eval().save_pretrained(directory / "hf")
+    cls = ORTModelForSpeechSeq2Seq if family == "whisper" else ORTModelForSeq2SeqLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer chatter
+        exported = cls.from_pretrained(directory / "hf", export=True, use_cache=True)
+    exported.save_pretrained(directory / "onnx")
+    return directory / "onnx"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path)

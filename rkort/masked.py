@@ -1,0 +1,119 @@
+"""Decoders given a mask over their past (:mod:`rkort.selfmask`): the run side. The session of a
+decoder exported without one runs, on RKNN, a copy with the mask (made once, kept in the cache by
+its content, so warmup, sessions and boards build and find the same blobs) and feeds it a mask
+of ones; its KV cache is then bucketed like any (:mod:`rkort.kvcache`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .cache import Cache, make_key
+from .engine import RKNNEngine
+from .files import write_atomic
+from .model import ModelSource
+from .options import RKNNOptions
+from .selfmask import MASK_INPUT, SelfMask, mask_for, needs_mask, with_mask
+from .stats import SessionStats
+
+SELFMASK_FORMAT = 1
+
+
+class MaskArg(NamedTuple):
+    """The added input, described as onnxruntime describes its inputs."""
+
+    name: str
+    shape: list[Any]
+    type: str
+
+
+def model_mask(model: ModelSource, cache: Cache) -> SelfMask | None:
+    """Whether ``model`` needs the mask, and where (kept in the cache: a warm open does not
+    parse the model)."""
+    model_hash = model.content_hash(cache)
+    key = make_key({"kind": "selfmask", "selfmask_format": SELFMASK_FORMAT, "model": model_hash})
+    body = cache.records.get(model_hash, key)
+    if isinstance(body, dict) and "mask" in body:
+        found = body["mask"]
+        try:
+            return (
+                None
+                if found is None
+                else SelfMask(**{**found, "softmaxes": tuple(found["softmaxes"])})
+            )
+        except TypeError:
+            pass
+    mask = needs_mask(model.proto) if not model.external_files else None
+    cache.records.put(model_hash, key, {"mask": None if mask is None else dataclasses.asdict(mask)})
+    return mask
+
+
+def masked_file(model: ModelSource, mask: SelfMask, cache: Cache) -> Path:
+    """The model with the mask, as a file in the cache named by its content."""
+    data = with_mask(model.proto, mask).SerializeToString()
+    directory = cache.model_dir("masked", model.content_hash(cache))
+    path = directory / f"{model.path.stem}-masked-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        write_atomic(path, data)
+    return path
+
+
+def masked_source(model: ModelSource, cache: Cache) -> ModelSource | None:
+    """The masked copy of ``model`` when it needs one (what ``rkort warmup`` compiles)."""
+    mask = model_mask(model, cache)
+    return None if mask is None else ModelSource(masked_file(model, mask, cache))
+
+
+class MaskedEngine:
+    """Runs a decoder through its masked copy: the user's inputs and a mask of ones."""
+
+    def __init__(
+        self,
+        model: ModelSource,
+        mask: SelfMask,
+        inputs: Sequence[Any],
+        outputs: Sequence[Any],
+        options: RKNNOptions,
+        stats: SessionStats | None = None,
+        cpu_options: Any = None,
+    ) -> None:
+        self.options = options
+        self.cache = Cache(options.cache_dir)
+        self.model_hash = model.content_hash(self.cache)
+        self.input_names = tuple(i.name for i in inputs)
+        self.output_names = tuple(o.name for o in outputs)
+        self.mask = mask
+        path = masked_file(model, mask, self.cache)
+        source = ModelSource(path)
+        added = MaskArg(MASK_INPUT, [mask.batch, mask.total], "tensor(int64)")
+        # The copy's output dims (the logits' new-token axis named as the new tokens).
+        dims = {o.name: o.type.tensor_type.shape.dim for o in source.proto.graph.output}
+        renamed = [
+            MaskArg(o.name, [d.dim_param or d.dim_value for d in dims[o.name]], o.type)
+            if o.name in dims
+            else o
+            for o in outputs
+        ]
+        self._engine = RKNNEngine(source, [*inputs, added], renamed, options, stats, cpu_options)
+        self.parts = self._engine.parts
+        self.npu_only = self._engine.npu_only
+        model.drop_graph()
+
+    def run(
+        self,
+        arrays: Sequence[np.ndarray],
+        profile: dict[str, Any] | None = None,
+        on_segment: Any = None,
+        stop: Callable[[], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Outputs in model order (see :meth:`RKNNEngine.run`)."""
+        ones = mask_for(arrays, self.input_names, self.mask)
+        return self._engine.run([*arrays, ones], profile, on_segment, stop)
+
+    def close(self) -> None:
+        self._engine.close()
