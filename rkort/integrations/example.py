@@ -8,7 +8,9 @@ Writes into DIR, with nothing downloaded:
   tokenizer, ready for ``ORTModelForSequenceClassification.from_pretrained``;
 - ``DIR/app.py``: an onnxruntime program written without rkort in mind, for ``rkort run``;
 - with ``--decoder gpt2`` or ``--decoder llama`` instead: ``DIR/onnx``, a small causal language
-  model (random weights) exported by optimum with a KV cache, for ``ORTModelForCausalLM``.
+  model (random weights) exported by optimum with a KV cache, for ``ORTModelForCausalLM``; with
+  ``--seq2seq t5|bart|whisper``, an encoder-decoder for ``ORTModelForSeq2SeqLM`` or
+  ``ORTModelForSpeechSeq2Seq``.
 
 Needs the ``hf`` extra (transformers, optimum, torch).
 """
@@ -179,6 +181,11 @@ def main() -> None:
     parser.add_argument(
         "--decoder", choices=("gpt2", "llama"), help="build a causal LM with a KV cache instead"
     )
+    parser.add_argument(
+        "--seq2seq",
+        choices=("t5", "bart", "whisper"),
+        help="build an encoder-decoder with a KV cache instead",
+    )
     args = parser.parse_args()
     import logging
 
@@ -186,6 +193,9 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     logging.getLogger("optimum").setLevel(logging.ERROR)
+    if args.seq2seq:
+        print(f"optimum ONNX export with a KV cache: {build_seq2seq(args.directory, args.seq2seq)}")
+        return
     if args.decoder:
         print(f"optimum ONNX export with a KV cache: {build_decoder(args.directory, args.decoder)}")
         return
