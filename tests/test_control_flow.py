@@ -250,3 +250,12 @@ def test_a_scan_of_known_length_runs_on_the_npu(tmp_path: Path) -> None:
     for got, want in zip(sess.run(None, feed), ref.run(None, feed)):
         assert got.shape == want.shape and _cosine(got, want) > 0.999
     assert rkort.session_stats(sess)["npu_calls"] == 1
+
+
+def test_inspect_plans_each_branch_of_a_runtime_if(tmp_path: Path) -> None:
+    path = runtime_if(tmp_path / "runtime_if.onnx")
+    report = build_report(path, "rk3588", cache=rkort.cache.Cache(tmp_path / "cache"))
+    notes = "\n".join(report["notes"])
+    assert "decided at run time: sessions run the condition on the CPU" in notes
+    assert "branch T: 100.0% of its FLOPs on the NPU" in notes
+    assert "branch F: 100.0% of its FLOPs on the NPU" in notes

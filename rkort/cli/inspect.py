@@ -19,6 +19,7 @@ from typing import Any
 import onnx
 
 from .. import placement
+from ..branching import branch_files, model_branching
 from ..cache import Cache
 from ..graph import default_opset
 from ..kvcache import find_layout
@@ -67,6 +68,7 @@ def build_report(
             f"dynamic dims taken as 1 for the estimate ({fixed}); give --shape NAME=DIMxDIM for "
             "the shapes you run"
         )
+    notes.extend(_branch_notes(source, options, cache, shapes))
     unknown = [n for n, f in plan.flops.items() if f is None]
     if unknown:
         notes.append(f"{len(unknown)} node(s) have no FLOP estimate (shapes unknown)")
@@ -193,6 +195,38 @@ def _shown_device(
         return p.device
     devices = {segments[i].device for i in in_segments[p.node_name]}
     return NPU if NPU in devices else CPU
+
+
+def _branch_notes(
+    source: ModelSource, options: RKNNOptions, cache: Cache, shapes: Mapping[str, Sequence[int]]
+) -> list[str]:
+    """For Ifs decided at run time: what sessions run (the condition on the CPU, each branch
+    as its own program), with each branch's own plan for these input shapes."""
+    split = model_branching(source, cache)
+    if not split.ifs:
+        return []
+    notes = [
+        f"If {', '.join(repr(i) for i in split.ifs)} decided at run time: sessions run the "
+        "condition on the CPU and the chosen branch as its own program"
+    ]
+    for label, path in branch_files(source, split, cache).items():
+        if label == "conditions":
+            continue
+        branch = Planner(ModelSource(path), options, cache)
+        try:
+            names = {i.name for i in branch.source.proto.graph.input}
+            plan = branch.place({n: s for n, s in shapes.items() if n in names})
+            segs = plan.segments
+            npu = sum(1 for s in segs if s.device == NPU)
+            notes.append(
+                f"branch {label}: {_share(plan.npu_flop_share)} of its FLOPs on the NPU "
+                f"({len(segs)} segment(s), {npu} NPU)"
+            )
+        except Exception as e:  # noqa: BLE001 - a branch the estimate cannot plan
+            notes.append(f"branch {label}: no estimate ({type(e).__name__}: {str(e)[:120]})")
+        finally:
+            branch.close()
+    return notes
 
 
 def _signature(
