@@ -132,13 +132,7 @@ def _loop(
         carried = inl.outputs[1 : 1 + n]
         for j, v in enumerate(inl.outputs[1 + n :]):
             scans[j].append(v)
-    outputs = list(node.output)
-    for j, v in enumerate(carried):
-        if j < len(outputs) and outputs[j]:
-            nodes.append(helper.make_node("Identity", [v], [outputs[j]], name=f"{name}/out_{j}"))
-    for j, parts in enumerate(scans):
-        if n + j < len(outputs) and outputs[n + j]:
-            _stack(nodes, parts, 0, outputs[n + j], f"{name}/scan_{j}", opset)
+    _write_outputs(nodes, node, name, carried, scans, [0] * len(scans), opset)
     return nodes, inits, infos
 
 
@@ -213,14 +207,8 @@ def _scan(node: onnx.NodeProto, name: str, types: Mapping[str, Any], opset: int)
         carried = inl.outputs[:n]
         for j, v in enumerate(inl.outputs[n:]):
             outs[j].append(v)
-    outputs = list(node.output)
-    for j, v in enumerate(carried):
-        if j < len(outputs) and outputs[j]:
-            nodes.append(helper.make_node("Identity", [v], [outputs[j]], name=f"{name}/out_{j}"))
-    for j, parts in enumerate(outs):
-        if n + j < len(outputs) and outputs[n + j]:
-            ordered = parts[::-1] if out_dirs[j] else parts
-            _stack(nodes, ordered, out_axes[j], outputs[n + j], f"{name}/scan_{j}", opset)
+    ordered = [parts[::-1] if out_dirs[j] else parts for j, parts in enumerate(outs)]
+    _write_outputs(nodes, node, name, carried, ordered, out_axes, opset)
     return nodes, inits, infos
 
 
@@ -229,6 +217,27 @@ def _const(nodes: list[onnx.NodeProto], name: str, value: np.ndarray) -> str:
         helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value))
     )
     return name
+
+
+def _write_outputs(
+    nodes: list[onnx.NodeProto],
+    node: onnx.NodeProto,
+    name: str,
+    carried: Sequence[str],
+    stacks: Sequence[Sequence[str]],
+    axes: Sequence[int],
+    opset: int,
+) -> None:
+    """A written-out Loop's or Scan's outputs: the final carried values, then each per-iteration
+    output stacked along its axis."""
+    outputs = list(node.output)
+    n = len(carried)
+    for j, v in enumerate(carried):
+        if j < len(outputs) and outputs[j]:
+            nodes.append(helper.make_node("Identity", [v], [outputs[j]], name=f"{name}/out_{j}"))
+    for j, parts in enumerate(stacks):
+        if n + j < len(outputs) and outputs[n + j]:
+            _stack(nodes, parts, axes[j], outputs[n + j], f"{name}/scan_{j}", opset)
 
 
 def _stack(

@@ -18,7 +18,7 @@ from .engine import RKNNEngine
 from .files import write_atomic
 from .model import ModelSource
 from .options import RKNNOptions
-from .selfmask import MASK_INPUT, SelfMask, mask_for, needs_mask, with_mask
+from .selfmask import MASK_INPUT, SelfMask, mask_for, needs_mask, output_dims, with_mask
 from .stats import SessionStats
 
 SELFMASK_FORMAT = 1
@@ -35,32 +35,53 @@ class MaskArg(NamedTuple):
 def model_mask(model: ModelSource, cache: Cache) -> SelfMask | None:
     """Whether ``model`` needs the mask, and where (kept in the cache: a warm open does not
     parse the model)."""
-    model_hash = model.content_hash(cache)
-    key = make_key({"kind": "selfmask", "selfmask_format": SELFMASK_FORMAT, "model": model_hash})
-    body = cache.records.get(model_hash, key)
-    if isinstance(body, dict) and "mask" in body:
-        found = body["mask"]
-        try:
-            return (
-                None
-                if found is None
-                else SelfMask(**{**found, "softmaxes": tuple(found["softmaxes"])})
-            )
-        except TypeError:
-            pass
+    body = _record(model, cache)
+    if body is not None:
+        return body[0]
     mask = needs_mask(model.proto) if not model.external_files else None
-    cache.records.put(model_hash, key, {"mask": None if mask is None else dataclasses.asdict(mask)})
+    _store(model, cache, mask, None)
     return mask
 
 
 def masked_file(model: ModelSource, mask: SelfMask, cache: Cache) -> Path:
-    """The model with the mask, as a file in the cache named by its content."""
-    data = with_mask(model.proto, mask).SerializeToString()
+    """The model with the mask, as a file in the cache named by its content (made once: its
+    name is kept in the model's record, so a warm open neither parses nor rewrites the model)."""
     directory = cache.model_dir("masked", model.content_hash(cache))
+    body = _record(model, cache)
+    if body is not None and body[1] is not None and (directory / body[1]).is_file():
+        return directory / body[1]
+    data = with_mask(model.proto, mask).SerializeToString()
     path = directory / f"{model.path.stem}-masked-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
     if not path.is_file():
         write_atomic(path, data)
+    _store(model, cache, mask, path.name)
     return path
+
+
+def _key(model_hash: str) -> str:
+    return make_key({"kind": "selfmask", "selfmask_format": SELFMASK_FORMAT, "model": model_hash})
+
+
+def _record(model: ModelSource, cache: Cache) -> tuple[SelfMask | None, str | None] | None:
+    """(the mask, the masked file's name) the cache holds for ``model``, or None."""
+    model_hash = model.content_hash(cache)
+    body = cache.records.get(model_hash, _key(model_hash))
+    if not isinstance(body, dict) or "mask" not in body:
+        return None
+    found, name = body["mask"], body.get("file")
+    try:
+        mask = (
+            None if found is None else SelfMask(**{**found, "softmaxes": tuple(found["softmaxes"])})
+        )
+    except TypeError:
+        return None
+    return mask, name if isinstance(name, str) and "/" not in name else None
+
+
+def _store(model: ModelSource, cache: Cache, mask: SelfMask | None, name: str | None) -> None:
+    model_hash = model.content_hash(cache)
+    body = {"mask": None if mask is None else dataclasses.asdict(mask), "file": name}
+    cache.records.put(model_hash, _key(model_hash), body)
 
 
 def masked_source(model: ModelSource, cache: Cache) -> ModelSource | None:
@@ -89,17 +110,15 @@ class MaskedEngine:
         self.output_names = tuple(o.name for o in outputs)
         self.mask = mask
         path = masked_file(model, mask, self.cache)
-        source = ModelSource(path)
         added = MaskArg(MASK_INPUT, [mask.batch, mask.total], "tensor(int64)")
-        # The copy's output dims (the logits' new-token axis named as the new tokens).
-        dims = {o.name: o.type.tensor_type.shape.dim for o in source.proto.graph.output}
-        renamed = [
-            MaskArg(o.name, [d.dim_param or d.dim_value for d in dims[o.name]], o.type)
-            if o.name in dims
-            else o
-            for o in outputs
-        ]
-        self._engine = RKNNEngine(source, [*inputs, added], renamed, options, stats, cpu_options)
+        renamed = [MaskArg(o.name, output_dims(o.name, o.shape, mask), o.type) for o in outputs]
+        self._picks = (
+            self.input_names.index(mask.ids_input),
+            self.input_names.index(mask.past_input),
+        )
+        self._engine = RKNNEngine(
+            ModelSource(path), [*inputs, added], renamed, options, stats, cpu_options
+        )
         self.parts = self._engine.parts
         self.npu_only = self._engine.npu_only
         model.drop_graph()
@@ -112,7 +131,7 @@ class MaskedEngine:
         stop: Callable[[], None] | None = None,
     ) -> list[np.ndarray]:
         """Outputs in model order (see :meth:`RKNNEngine.run`)."""
-        ones = mask_for(arrays, self.input_names, self.mask)
+        ones = mask_for(arrays, *self._picks)
         return self._engine.run([*arrays, ones], profile, on_segment, stop)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import default_opset, infer_types
+from .graph import default_opset, infer_types, type_of
 from .kvcache import find_layout
 
 MASK_INPUT = "rkort_attention_mask"
@@ -46,7 +46,7 @@ def needs_mask(model: onnx.ModelProto) -> SelfMask | None:
         i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
     ]
     names = [i.name for i in inputs]
-    dims = [_dims(i) for i in inputs]
+    dims = [_declared(i) for i in inputs]
     if find_layout(names, dims) is not None:
         return None  # it has a mask over past + new already
     pasts = {ds[-2] for n, ds in zip(names, dims) if n.startswith("past") and len(ds) >= 3} - {None}
@@ -56,7 +56,7 @@ def needs_mask(model: onnx.ModelProto) -> SelfMask | None:
     totals = [
         d
         for o in model.graph.output
-        for d in _dims(o)
+        for d in _declared(o)
         if isinstance(d, str) and [p.strip() for p in d.split("+")] in ([q, ids[1]] for q in pasts)
     ]
     if not totals:
@@ -125,11 +125,12 @@ def with_mask(model: onnx.ModelProto, mask: SelfMask) -> onnx.ModelProto:
         nodes.append(
             helper.make_node("Unsqueeze", [f"{prefix}_bias2"], [f"{prefix}_bias"], axes=[1, 2])
         )
-    # optimum names the logits' new-token axis "1" in these exports: it is the new tokens.
     for o in g.output:
         dims = o.type.tensor_type.shape.dim
-        if o.name == "logits" and len(dims) == 3 and dims[1].dim_param.isdigit():
-            dims[1].dim_param = mask.sequence
+        named = output_dims(o.name, [d.dim_param or d.dim_value for d in dims], mask)
+        for d, n in zip(dims, named):
+            if isinstance(n, str) and n != d.dim_param:
+                d.dim_param = n
     rebuilt = list(nodes)
     targets = set(mask.softmaxes)
     for node in g.node:
@@ -150,20 +151,22 @@ def with_mask(model: onnx.ModelProto, mask: SelfMask) -> onnx.ModelProto:
     return out
 
 
-def mask_for(arrays: Sequence[Any], names: Sequence[str], mask: SelfMask) -> Any:
-    """The all-ones mask of a call (every real position kept)."""
+def output_dims(name: str, dims: Sequence[Any], mask: SelfMask) -> list[Any]:
+    """An output's dims in the masked copy: optimum names the logits' new-token axis "1" in
+    these exports, and it is the new tokens."""
+    out = list(dims)
+    if name == "logits" and len(out) == 3 and isinstance(out[1], str) and out[1].isdigit():
+        out[1] = mask.sequence
+    return out
+
+
+def mask_for(arrays: Sequence[Any], ids: int, past: int) -> Any:
+    """The all-ones mask of a call (every real position kept), from its new tokens' ids and a
+    past input (their indices in ``arrays``)."""
     import numpy as np
 
-    ids = arrays[list(names).index(mask.ids_input)]
-    past = arrays[list(names).index(mask.past_input)]
-    return np.ones((ids.shape[0], past.shape[-2] + ids.shape[1]), np.int64)
-
-
-def _dims(value: onnx.ValueInfoProto) -> list[Any]:
-    return [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-        for d in value.type.tensor_type.shape.dim
-    ]
+    new = arrays[ids]
+    return np.ones((new.shape[0], arrays[past].shape[-2] + new.shape[1]), np.int64)
 
 
 def _f32(v: float) -> Any:
@@ -176,3 +179,7 @@ def _i64(v: list[int]) -> Any:
     import numpy as np
 
     return np.array(v, np.int64)
+
+
+def _declared(value: onnx.ValueInfoProto) -> list[Any]:
+    return list(type_of(value.type).shape or ())

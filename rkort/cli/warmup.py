@@ -142,6 +142,8 @@ def generation_signatures(
     bucket and batch bucket: the prompt with an empty past (padded to the smallest past bucket),
     then one new token with each past bucket up to the longest prompt plus the new tokens."""
     kv = policy.kv
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if kv is None or policy.exact:
         raise UsageError(
             "--max-new-tokens is for a decoder with a KV cache whose dims are padded "
@@ -149,7 +151,7 @@ def generation_signatures(
         )
     prompts = [b for b in policy.buckets[kv.sequence] if b > 1]
     pasts = policy.buckets[kv.past]
-    longest = (prompts[-1] if prompts else 1) + max(max_new_tokens, 1) - 1
+    longest = (prompts[-1] if prompts else 1) + max_new_tokens - 1
     reach = next((p for p in pasts if p >= longest), pasts[-1])
     steps = [(b, pasts[0]) for b in prompts] + [(1, p) for p in pasts if p <= reach]
     # Every other padded dim (the batch, an encoder's length) at each of its buckets.
