@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import onnx
 
 from .cache import Cache, make_key
 from .engine import RKNNEngine
 from .files import write_atomic
 from .model import ModelSource
 from .options import RKNNOptions
-from .selfmask import MASK_INPUT, SelfMask, mask_for, needs_mask, output_dims, with_mask
+from .selfmask import (
+    MASK_INPUT,
+    POSITIONS_INPUT,
+    SelfMask,
+    added_inputs,
+    needs_mask,
+    output_dims,
+    with_mask,
+)
 from .stats import SessionStats
 
-SELFMASK_FORMAT = 1
+SELFMASK_FORMAT = 2
 
 
 class MaskArg(NamedTuple):
@@ -110,14 +119,17 @@ class MaskedEngine:
         self.output_names = tuple(o.name for o in outputs)
         self.mask = mask
         path = masked_file(model, mask, self.cache)
-        added = MaskArg(MASK_INPUT, [mask.batch, mask.total], "tensor(int64)")
+        added = [MaskArg(MASK_INPUT, [mask.batch, mask.total], "tensor(int64)")]
+        if mask.positions:
+            kind = onnx.helper.tensor_dtype_to_np_dtype(mask.positions_type).name
+            added.append(MaskArg(POSITIONS_INPUT, [mask.sequence], f"tensor({kind})"))
         renamed = [MaskArg(o.name, output_dims(o.name, o.shape, mask), o.type) for o in outputs]
         self._picks = (
             self.input_names.index(mask.ids_input),
             self.input_names.index(mask.past_input),
         )
         self._engine = RKNNEngine(
-            ModelSource(path), [*inputs, added], renamed, options, stats, cpu_options
+            ModelSource(path), [*inputs, *added], renamed, options, stats, cpu_options
         )
         self.parts = self._engine.parts
         self.npu_only = self._engine.npu_only
@@ -131,8 +143,8 @@ class MaskedEngine:
         stop: Callable[[], None] | None = None,
     ) -> list[np.ndarray]:
         """Outputs in model order (see :meth:`RKNNEngine.run`)."""
-        ones = mask_for(arrays, *self._picks)
-        return self._engine.run([*arrays, ones], profile, on_segment, stop)
+        added = added_inputs(arrays, *self._picks, self.mask)
+        return self._engine.run([*arrays, *added], profile, on_segment, stop)
 
     def close(self) -> None:
         self._engine.close()

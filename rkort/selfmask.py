@@ -6,6 +6,11 @@ them, so their past cannot be padded. rkort adds one: an input ``rkort_attention
 -10000) before every self-attention Softmax (the ones whose last axis is ``past + new``, found by
 shape inference). Fed all ones it computes what the model computes; with the past padded on the
 left and those positions 0 it is a decoder whose KV cache :mod:`rkort.kvcache` can bucket.
+
+Some of them (BART, Marian, Whisper) also count their new tokens' positions from the past's
+length (``Range(past, past + new)`` indexing a position table): padded, the past would move them.
+The copy takes those positions as a second input, ``rkort_positions`` ``[new]``, which the run
+side computes from the past's real length.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import default_opset, infer_types, type_of
+from .graph import default_opset, prepare, type_of
 from .kvcache import find_layout
 
 MASK_INPUT = "rkort_attention_mask"
+POSITIONS_INPUT = "rkort_positions"
 #: The bias of a dropped position, finite in float16 (as padding's additive masks).
 DROP_BIAS = -10000.0
 #: Probe sizes for finding the self-attention Softmaxes by their last axis.
@@ -38,6 +44,8 @@ class SelfMask:
     past_input: str  # an input with the past at axis -2
     ids_input: str  # the new tokens' ids
     softmaxes: tuple[str, ...]  # output names of the Softmax nodes that get the bias
+    positions: tuple[str, ...] = ()  # outputs of Range(past, past + new) indexing a table
+    positions_type: int = TensorProto.INT64
 
 
 def needs_mask(model: onnx.ModelProto) -> SelfMask | None:
@@ -72,7 +80,7 @@ def needs_mask(model: onnx.ModelProto) -> SelfMask | None:
         for n, ds in zip(names, dims)
     }
     try:
-        types = infer_types(model, shapes)
+        types = prepare(model, shapes)[1]
     except Exception:  # noqa: BLE001 - no inference, no mask
         return None
     want = _PROBE["past"] + _PROBE["new"]
@@ -90,7 +98,115 @@ def needs_mask(model: onnx.ModelProto) -> SelfMask | None:
         return None
     past_input = next(n for n, ds in zip(names, dims) if n.startswith("past") and ds[-2] == past)
     ids_input = next(n for n in names if n in ("input_ids", "decoder_input_ids"))
-    return SelfMask(past, ids[1], total, ids[0], past_input, ids_input, tuple(found))
+    ranges = _position_ranges(model, {n for n in names if n.startswith("past")})
+    kinds = {types[r].elem_type for r in ranges if r in types and types[r].elem_type}
+    return SelfMask(
+        past,
+        ids[1],
+        total,
+        ids[0],
+        past_input,
+        ids_input,
+        tuple(found),
+        ranges,
+        kinds.pop() if len(kinds) == 1 else TensorProto.INT64,
+    )
+
+
+#: Ops a position index passes through on its way from its Range to the table it indexes.
+_CARRY = {"Add", "Cast", "Expand", "Identity", "Reshape", "Squeeze", "Tile", "Unsqueeze"}
+_WALK = 8
+
+
+def _position_ranges(model: onnx.ModelProto, pasts: set[str]) -> tuple[str, ...]:
+    """Outputs of the Range nodes whose start is read off a past input's shape and whose values
+    index a constant table (positions counted from the past's length)."""
+    made = {o: n for n in model.graph.node for o in n.output}
+
+    def from_past(name: str, depth: int = 0) -> bool:
+        node = made.get(name)
+        if node is None or depth > _WALK:
+            return False
+        if node.op_type == "Shape":
+            return node.input[0] in pasts
+        return any(from_past(i, depth + 1) for i in node.input if i)
+
+    return tuple(
+        n.output[0]
+        for n in model.graph.node
+        if n.op_type == "Range" and from_past(n.input[0]) and _index_path(model.graph, n.output[0])
+    )
+
+
+def _index_path(graph: onnx.GraphProto, start: str) -> list[int]:
+    """Indices of the nodes that carry ``start`` into a constant table's Gather (those
+    Gathers included), in graph order; empty when it indexes none."""
+    tables = {t.name for t in graph.initializer if len(t.dims) == 2}
+    users: dict[str, list[int]] = {}
+    for k, n in enumerate(graph.node):
+        for i in n.input:
+            users.setdefault(i, []).append(k)
+    on_path: set[int] = set()
+
+    def reaches(name: str, depth: int) -> bool:
+        found = False
+        for k in users.get(name, []) if depth <= _WALK else []:
+            node = graph.node[k]
+            if node.op_type == "Gather" and node.input[1] == name and node.input[0] in tables:
+                on_path.add(k)
+                found = True
+            elif node.op_type in _CARRY and reaches(node.output[0], depth + 1):
+                on_path.add(k)
+                found = True
+        return found
+
+    reaches(start, 0)
+    return sorted(on_path)
+
+
+def _feed_positions(graph: onnx.GraphProto, ranges: Sequence[str]) -> None:
+    """Index the position tables with the positions input instead of ``ranges``: the nodes on
+    the way are copied (the Ranges' other users, such as a causal mask over the padded window,
+    keep the past's padded length), the tables' Gathers replaced, and what no longer feeds
+    anything dropped."""
+    nodes = list(graph.node)
+    for start in ranges:
+        path = _index_path(graph, start)
+        if not path:
+            continue
+        renamed = {start: POSITIONS_INPUT}
+        copies = []
+        for k in path:
+            node = onnx.NodeProto()
+            node.CopyFrom(nodes[k])
+            node.name = f"{node.name}_rkort_positions"
+            for j, name in enumerate(node.input):
+                node.input[j] = renamed.get(name, name)
+            if node.op_type != "Gather":
+                renamed[node.output[0]] = f"{node.output[0]}_rkort_positions"
+                node.output[0] = renamed[nodes[k].output[0]]
+            copies.append(node)
+        gathers = {k for k in path if nodes[k].op_type == "Gather"}
+        first = min(gathers)
+        nodes = [
+            *[n for k, n in enumerate(nodes[:first]) if k not in gathers],
+            *copies,
+            *[n for k, n in enumerate(nodes[first:], first) if k not in gathers],
+        ]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    _drop_unused(graph)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs is read (by a node or as a graph output)."""
+    while True:
+        read = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        kept = [n for n in graph.node if any(o in read for o in n.output if o)]
+        if len(kept) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def with_mask(model: onnx.ModelProto, mask: SelfMask) -> onnx.ModelProto:
@@ -101,6 +217,11 @@ def with_mask(model: onnx.ModelProto, mask: SelfMask) -> onnx.ModelProto:
     g = out.graph
     batch = helper.make_tensor_value_info(MASK_INPUT, TensorProto.INT64, [mask.batch, mask.total])
     g.input.append(batch)
+    if mask.positions:
+        g.input.append(
+            helper.make_tensor_value_info(POSITIONS_INPUT, mask.positions_type, [mask.sequence])
+        )
+        _feed_positions(g, mask.positions)
     prefix = "rkort_mask"
     opset = default_opset(model)
     g.initializer.extend(
@@ -160,13 +281,18 @@ def output_dims(name: str, dims: Sequence[Any], mask: SelfMask) -> list[Any]:
     return out
 
 
-def mask_for(arrays: Sequence[Any], ids: int, past: int) -> Any:
-    """The all-ones mask of a call (every real position kept), from its new tokens' ids and a
-    past input (their indices in ``arrays``)."""
+def added_inputs(arrays: Sequence[Any], ids: int, past: int, mask: SelfMask) -> list[Any]:
+    """What a call feeds the copy besides the user's inputs, from its new tokens' ids and a past
+    input (their indices in ``arrays``): the all-ones mask (every real position kept) and, where
+    the copy takes them, the new tokens' positions after the past."""
     import numpy as np
 
-    new = arrays[ids]
-    return np.ones((new.shape[0], arrays[past].shape[-2] + new.shape[1]), np.int64)
+    new, length = arrays[ids], arrays[past].shape[-2]
+    added = [np.ones((new.shape[0], length + new.shape[1]), np.int64)]
+    if mask.positions:
+        dtype = helper.tensor_dtype_to_np_dtype(mask.positions_type)
+        added.append(np.arange(length, length + new.shape[1], dtype=dtype))
+    return added
 
 
 def _f32(v: float) -> Any:

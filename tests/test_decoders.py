@@ -213,10 +213,9 @@ def seq2seq(
 
 def test_seq2seq_generate_gives_the_cpu_tokens(seq2seq: tuple[str, Path], tmp_path: Path) -> None:
     """ORTModelForSeq2SeqLM (T5, BART) and ORTModelForSpeechSeq2Seq (Whisper): the CPU's tokens,
-    greedy and with two beams, every call of encoder and decoders on the NPU. T5's decoder takes no
-    mask over its past: rkort adds one (rkort.selfmask) and buckets the past (2 compiles: batch 1
-    and 2). BART and Whisper compute positions from the past's length, so padding it changes the
-    logits: the probe keeps their past exact (one shape per step)."""
+    greedy and with two beams, every call of encoder and decoders on the NPU. Their decoders take
+    no mask over the past: rkort adds one (rkort.selfmask) and buckets the past (2 compiles: batch
+    1 and 2). BART and Whisper also count positions from the past's length: rkort feeds them."""
     import torch
     from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
 
@@ -247,4 +246,4 @@ def test_seq2seq_generate_gives_the_cpu_tokens(seq2seq: tuple[str, Path], tmp_pa
         assert s["cpu_calls"] == 0 and s["npu_calls"] >= 2, (part, s)
     steps = stats["decoder_with_past"]
     assert steps["npu_calls"] == 18, steps  # 9 steps with a past, for 1 and for 2 beams
-    assert steps["compiles"] == (2 if family == "t5" else 18), steps
+    assert steps["compiles"] == 2, steps
