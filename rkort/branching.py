@@ -167,7 +167,7 @@ class BranchEngine:
         self._condition_inputs = [
             (i.name, self.input_names.index(i.name)) for i in self._conditions.get_inputs()
         ]
-        self._engines: dict[Choice, tuple[RKNNEngine, list[int]]] = {}
+        self._engines: dict[Choice, tuple[RKNNEngine | MaskedEngine, list[int]]] = {}
         self._failed: dict[Choice, str] = {}
         self._lock = threading.Lock()
         # Branch models do not record traffic or feeds: those belong to the model the user has.
@@ -177,15 +177,15 @@ class BranchEngine:
             for label, path in files.items():
                 choice = tuple(c == "T" for c in label)
                 source = ModelSource(path)
-                names = [n for n in _input_names(path) if n in by_name]
+                names = [n for n in model_inputs(path) if n in by_name]
+                args = ([by_name[n] for n in names], outputs, branch_options, self.stats)
                 try:
-                    engine = RKNNEngine(
-                        source,
-                        [by_name[n] for n in names],
-                        outputs,
-                        branch_options,
-                        self.stats,
-                        cpu_options,
+                    # A merged decoder's branch with a past is a decoder with a past.
+                    mask = model_mask(source, self.cache)
+                    engine = (
+                        RKNNEngine(source, *args, cpu_options)
+                        if mask is None
+                        else MaskedEngine(source, mask, *args, cpu_options)
                     )
                 except Unsupported as e:
                     self._failed[choice] = f"branch {label} of {self._name}: {e}"
@@ -227,7 +227,7 @@ class BranchEngine:
             engine.close()
 
 
-def _input_names(path: Path) -> list[str]:
+def model_inputs(path: Path) -> list[str]:
     """The inputs of a branch model (read without loading its weights)."""
     model = onnx.load(str(path), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}

@@ -33,7 +33,7 @@ import onnx
 
 from .errors import InvalidArgument, ort_error
 from .kvcache import KVLayout, find_layout, is_mask
-from .shapes import symbolic_output_dims
+from .shapes import output_dims_traced
 
 log = logging.getLogger("rkort")
 
@@ -102,7 +102,9 @@ class ShapePolicy:
             self.pad_values: list[float] = [0.0] * len(inputs)
             return
         symbols = [d for dims in self.input_dims for d in dims if isinstance(d, str)]
-        self._trace_output_symbols(model, set(symbols))
+        self.output_dims = output_dims_traced(
+            model, dict(zip(self.input_names, self.input_dims)), self.output_dims
+        )
         batch = {dims[0] for dims in self.input_dims if dims and isinstance(dims[0], str)}
         sequence = {
             dims[1]
@@ -117,6 +119,8 @@ class ShapePolicy:
                 "outputs %s have dims not traced to an input; no dim is padded (shapes compile exactly)",
                 self.output_dims,
             )
+        # Outputs of a fixed shape (a merged decoder's placeholder outputs) follow no batch.
+        varying = [ds for ds in self.output_dims if not all(isinstance(d, int) for d in ds)]
         for s in dict.fromkeys(symbols):
             if not traceable:
                 self.kind[s] = "exact"
@@ -124,7 +128,7 @@ class ShapePolicy:
             elif s in exact_dims:
                 self.kind[s] = "exact"
                 self.reasons[s] = "the exact_dims option names it"
-            elif s in batch and all(s in dims for dims in self.output_dims) and s not in sequence:
+            elif s in batch and s not in sequence and all(s in dims for dims in varying):
                 self.kind[s] = "batch"
             elif s in sequence:
                 self.kind[s] = "sequence"
@@ -169,25 +173,6 @@ class ShapePolicy:
                 f"pad_values names {sorted(unknown)}, which are not inputs {self.input_names}",
             )
         self.pad_values = [given.get(n, 0.0) for n in self.input_names]
-
-    def _trace_output_symbols(self, model: Any, symbols: set[str]) -> None:
-        """Fill unnamed or unknown output dims from ONNX shape inference on the symbolic model
-        (the graph is read only when the declared output dims do not say it all)."""
-        if all(isinstance(d, int) or d in symbols for dims in self.output_dims for d in dims):
-            return
-        try:
-            inferred = symbolic_output_dims(model.proto)
-        except Exception:  # noqa: BLE001 - inference is best effort; untraced dims disable padding
-            log.debug("symbolic shape inference failed", exc_info=True)
-            return
-        for i, dims in enumerate(self.output_dims):
-            better = inferred[i] if i < len(inferred) else None
-            if better is None or len(better) != len(dims):
-                continue
-            self.output_dims[i] = [
-                b if (not isinstance(d, int) and d not in symbols and b is not None) else d
-                for d, b in zip(dims, better)
-            ]
 
     def compile_exactly(self, symbol: str, reason: str) -> None:
         """Compile ``symbol`` per observed size instead of padding it (padding is not safe)."""

@@ -158,9 +158,22 @@ def _librknnrt_version_in(path: Path) -> str | None:
 
 
 @functools.cache
-def _installed_version(distribution: str) -> str | None:
-    """A distribution's installed version, read once per process (importlib.metadata scans
-    every path entry: milliseconds on each session open otherwise)."""
+def _installed_version(distribution: str, package: str) -> str | None:
+    """A distribution's installed version, read once per process: from the ``.dist-info``
+    directory next to its ``package`` (one directory listing), else through importlib.metadata
+    (which scans every path entry: milliseconds on a session's first open)."""
+    spec = importlib.util.find_spec(package)
+    places = list(spec.submodule_search_locations or ()) if spec is not None else []
+    prefix = distribution.replace("-", "_").lower() + "-"
+    for place in places[:1]:
+        try:
+            with os.scandir(Path(place).parent) as entries:
+                for entry in entries:
+                    name = entry.name.lower()
+                    if name.startswith(prefix) and name.endswith(".dist-info"):
+                        return entry.name[len(prefix) : -len(".dist-info")]
+        except OSError:
+            break
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -169,7 +182,7 @@ def _installed_version(distribution: str) -> str | None:
 
 def toolkit_lite_version() -> str | None:
     """The installed rknn-toolkit-lite2 (the board runtime's Python API) version, if any."""
-    return _installed_version("rknn-toolkit-lite2")
+    return _installed_version("rknn-toolkit-lite2", "rknnlite")
 
 
 def toolkit_version() -> str | None:
@@ -180,7 +193,7 @@ def toolkit_version() -> str | None:
     """
     if importlib.util.find_spec("rknn") is None:
         return None
-    return _installed_version("rknn-toolkit2")
+    return _installed_version("rknn-toolkit2", "rknn")
 
 
 def board_runtime_importable() -> bool:

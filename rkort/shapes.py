@@ -7,6 +7,7 @@ graph output's shape is the model run once on zeros by onnxruntime (:func:`probe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import onnx
 from .graph import TensorType, infer_types, type_of
 
 Signature = dict[str, tuple[int, ...]]
+log = logging.getLogger("rkort")
 
 
 def declared_types(proto: onnx.ModelProto) -> dict[str, TensorType]:
@@ -94,3 +96,84 @@ def symbolic_output_dims(proto: onnx.ModelProto) -> list[list[Any] | None]:
             [None if isinstance(d, str) and d.startswith("unk__") else d for d in t.shape]
         )
     return result
+
+
+#: Sizes the concrete tracing gives the input symbols: two sets, distinct within and across.
+_TRACE_SIZES = ((37, 41, 43, 47, 53, 59, 61, 67), (71, 73, 79, 83, 89, 97, 101, 103))
+
+
+def traced_output_dims(
+    proto: onnx.ModelProto, input_dims: Mapping[str, Sequence[Any]]
+) -> list[list[Any] | None]:
+    """Each graph output's dims traced concretely: the graph planned (shapes folded) for two
+    sets of sizes of its input symbols; a dim that follows one symbol in both is that symbol, one
+    that stays put is that size, anything else unknown (None). For outputs whose declared dims
+    name no input (optimum declares a decoder's ``present`` as ``past + new`` even where it has
+    no past)."""
+    from .graph import prepare
+
+    symbols = list(
+        dict.fromkeys(d for dims in input_dims.values() for d in dims if isinstance(d, str))
+    )
+    if len(symbols) > len(_TRACE_SIZES[0]):
+        return [None] * len(proto.graph.output)
+    runs = []
+    for sizes in _TRACE_SIZES:
+        size = dict(zip(symbols, sizes))
+        shapes = {
+            n: [d if isinstance(d, int) else size[d] for d in dims]
+            for n, dims in input_dims.items()
+        }
+        types = prepare(proto, shapes)[1]
+        runs.append(([types.get(o.name) for o in proto.graph.output], dict(zip(sizes, symbols))))
+    result: list[list[Any] | None] = []
+    (first, by_a), (second, by_b) = runs
+    for ta, tb in zip(first, second):
+        if ta is None or tb is None or ta.shape is None or tb.shape is None:
+            result.append(None)
+            continue
+        dims = []
+        for x, y in zip(ta.shape, tb.shape):
+            if isinstance(x, int) and x == y:
+                dims.append(x)
+            elif isinstance(x, int) and x in by_a and by_a[x] == by_b.get(y):
+                dims.append(by_a[x])
+            else:
+                dims.append(None)
+        result.append(dims)
+    return result
+
+
+def output_dims_traced(
+    model: Any, input_dims: Mapping[str, Sequence[Any]], output_dims: Sequence[Sequence[Any]]
+) -> list[list[Any]]:
+    """``output_dims`` with their unnamed or unknown dims filled from shape inference on the
+    symbolic model, then from concrete tracing (``model`` has a ``proto``, read only when the
+    declared output dims do not say it all)."""
+    symbols = {d for dims in input_dims.values() for d in dims if isinstance(d, str)}
+    dims_now = [list(ds) for ds in output_dims]
+
+    def traced() -> bool:
+        return all(isinstance(d, int) or d in symbols for ds in dims_now for d in ds)
+
+    tracers = (
+        lambda: symbolic_output_dims(model.proto),
+        lambda: traced_output_dims(model.proto, input_dims),
+    )
+    for trace in tracers:
+        if traced():
+            break
+        try:
+            inferred = trace()
+        except Exception:  # noqa: BLE001 - best effort; untraced dims disable padding
+            log.debug("output dims not traced", exc_info=True)
+            continue
+        for i, dims in enumerate(dims_now):
+            better = inferred[i] if i < len(inferred) else None
+            if better is None or len(better) != len(dims):
+                continue
+            dims_now[i] = [
+                b if (not isinstance(d, int) and d not in symbols and b is not None) else d
+                for d, b in zip(dims, better)
+            ]
+    return dims_now

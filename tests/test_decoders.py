@@ -247,3 +247,76 @@ def test_seq2seq_generate_gives_the_cpu_tokens(seq2seq: tuple[str, Path], tmp_pa
     steps = stats["decoder_with_past"]
     assert steps["npu_calls"] == 18, steps  # 9 steps with a past, for 1 and for 2 beams
     assert steps["compiles"] == 2, steps
+
+
+SEQ2SEQ_APP = """
+import json, sys
+import torch
+from optimum.onnxruntime import ORTModelForSeq2SeqLM
+import rkort
+
+model = ORTModelForSeq2SeqLM.from_pretrained(sys.argv[1], use_cache=True)
+ids = torch.tensor(json.loads(sys.argv[2]))
+out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                     max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]))
+stats = {part: rkort.session_stats(getattr(model, part).session)
+         for part in ("encoder", "decoder", "decoder_with_past") if getattr(model, part, None)}
+with open(sys.argv[4], "w") as f:
+    json.dump({"tokens": out.tolist(), "stats": stats}, f)
+"""
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["split", "merged"])
+def test_a_warmed_board_runs_an_encoder_decoder_without_compiling(
+    tmp_path: Path, merged: bool
+) -> None:
+    """`rkort warmup DIR --max-new-tokens N` warms an optimum export's files (the decoder
+    without a past at the start token, the one with a past at every past bucket, through rkort's
+    masked copy with its positions input; for a merged decoder, each branch of its If on
+    use_cache_branch the same way); a rehearsed rk3588 then generates BART's CPU tokens with no
+    compile and every call on the NPU."""
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    model = build_seq2seq(tmp_path, "bart", merged=merged)
+    cache = tmp_path / "cache"
+    flags = ["--buckets", "16", "--batch-buckets", "1", "--max-new-tokens", str(NEW_TOKENS)]
+    warm = _rkort("warmup", str(model), "-q", *flags, cache=cache)
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout.count("1 compiled, 0 already in the cache") == 3, warm.stdout  # one each
+    if merged:
+        assert "branch T of decoder_model_merged.onnx:" in warm.stdout, warm.stdout
+    app, out = tmp_path / "app.py", tmp_path / "out.json"
+    app.write_text(SEQ2SEQ_APP)
+    prompt = [[5, 17, 33, 2, 9, 1]]
+    done = _rkort(
+        "run",
+        "--board",
+        "rk3588",
+        "--",
+        sys.executable,
+        str(app),
+        str(model),
+        json.dumps(prompt),
+        str(NEW_TOKENS),
+        str(out),
+        cache=cache,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    import torch
+
+    cpu = ORTModelForSeq2SeqLM.from_pretrained(model, use_cache=True)
+    ids = torch.tensor(prompt)
+    want = cpu.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+    )
+    assert result["tokens"] == want.tolist()
+    for part, stats in result["stats"].items():
+        assert stats["compiles"] == 0 and stats["cpu_calls"] == 0, (part, stats)
+        assert stats["npu_calls"] >= 1, (part, stats)
+    steps = result["stats"]["decoder" if merged else "decoder_with_past"]
+    assert steps["npu_calls"] == NEW_TOKENS if merged else NEW_TOKENS - 1, steps

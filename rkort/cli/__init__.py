@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("warmup", help="compile a model into the cache ahead of time")
-    w.add_argument("model", help="an ONNX file")
+    w.add_argument(
+        "model",
+        help="an ONNX file, or a directory of them (an optimum export: each file, "
+        "--max-new-tokens applying to the decoders with a KV cache)",
+    )
     w.add_argument(
         "--target",
         help="rk3588, rk3576, rk3568, rk3566, rk3562, ... (default: this board's SoC, rk3588 on a host)",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..branching import branch_files, model_branching, model_inputs
 from ..buckets import ShapePolicy
 from ..cache import Cache
 from ..engine import make_policy, multi_shape_part
@@ -50,7 +51,31 @@ _OPTION_FLAGS = (
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
+    if not Path(args.model).is_dir():
+        return _warmup(args)
+    # An exported model's directory (optimum's encoder, decoder and decoder with past): each of
+    # its ONNX files, --max-new-tokens applying to those with a KV cache.
+    files = sorted(Path(args.model).glob("*.onnx"))
+    if not files:
+        raise UsageError(f"{args.model} is a directory with no .onnx file")
+    if args.shape or getattr(args, "from_traffic", False):
+        raise UsageError("--shape and --from-traffic name one model's inputs: give an ONNX file")
+    for path in files:
+        print(f"{path.name}:")
+        code = _warmup(argparse.Namespace(**{**vars(args), "model": str(path)}), directory=True)
+        if code:
+            return code
+    return 0
+
+
+def _warmup(args: argparse.Namespace, directory: bool = False) -> int:
+    """Warm one ONNX file; ``directory`` when it is one part of a generation (a file of an
+    exported directory, or a branch), where --max-new-tokens applies only to a KV cache."""
     from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
+
+    split = _branches(args)
+    if split is not None:
+        return split
 
     raw = {"dtype": args.dtype, "optimization_level": str(args.optimization_level)}
     for key in _OPTION_FLAGS:
@@ -92,8 +117,16 @@ def cmd_warmup(args: argparse.Namespace) -> int:
                 policy = make_policy(model, sess.get_inputs(), sess.get_outputs(), options)
                 names = [i.name for i in sess.get_inputs()]
                 wanted = policy.signatures()
-                if getattr(args, "max_new_tokens", None) is not None:
-                    wanted = generation_signatures(policy, args.max_new_tokens)
+                if getattr(args, "max_new_tokens", None) is not None and (
+                    policy.kv is not None or not directory
+                ):
+                    # A decoder given rkort's mask is a seq2seq one's with-past half: its
+                    # prompt runs in the decoder without a past.
+                    wanted = generation_signatures(
+                        policy, args.max_new_tokens, prompts=masked is None
+                    )
+                elif getattr(args, "max_new_tokens", None) is not None:
+                    wanted = first_token_signatures(policy)
                 signatures = [dict(zip(names, s)) for s in wanted]
                 if not signatures:
                     exact = [s for s, k in policy.kind.items() if k == "exact"]
@@ -135,12 +168,55 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         planner.close()
 
 
+def _branches(args: argparse.Namespace) -> int | None:
+    """A model with Ifs decided at run time (a merged decoder's ``use_cache_branch``) runs each
+    branch as a program of its own: warm each branch model (as its sessions write and find them
+    in the cache), or None for a model without such Ifs."""
+    model, cache = ModelSource(args.model), Cache(args.cache_dir)
+    split = model_branching(model, cache)
+    if not split.ifs:
+        return None
+    if getattr(args, "from_traffic", False):
+        raise UsageError("--from-traffic does not warm a model whose Ifs are decided at run time")
+    for label, path in branch_files(model, split, cache).items():
+        if label == "conditions":
+            continue  # runs on the CPU
+        names = model_inputs(path)
+        shapes = [(n, dims) for n, dims in args.shape or () if n in names]
+        print(f"branch {label} of {Path(args.model).name}:")
+        branch = argparse.Namespace(**{**vars(args), "model": str(path), "shape": shapes})
+        code = _warmup(branch, directory=True)
+        if code:
+            return code
+    return 0
+
+
+def first_token_signatures(policy: ShapePolicy) -> list[tuple[tuple[int, ...], ...]]:
+    """The shapes the decoder of an encoder-decoder without a past runs in a generation: its
+    first step, the start token alone (its ids' length compiled exactly at 1), at every bucket of
+    its padded dims; the bucket signatures for a model with no such exact dim."""
+    ids = [
+        dims[1]
+        for name, dims in zip(policy.input_names, policy.input_dims)
+        if name in ("input_ids", "decoder_input_ids") and len(dims) == 2
+    ]
+    exact = {s for s, k in policy.kind.items() if k == "exact"}
+    if not exact or not exact <= set(ids):
+        return policy.signatures()
+    combos: list[dict[str, int]] = [dict.fromkeys(exact, 1)]
+    for s in policy.padded_symbols:
+        combos = [{**c, s: b} for c in combos for b in policy.buckets[s]]
+    return [policy.signature_for(c) for c in combos]
+
+
 def generation_signatures(
-    policy: ShapePolicy, max_new_tokens: int
+    policy: ShapePolicy, max_new_tokens: int, prompts: bool = True
 ) -> list[tuple[tuple[int, ...], ...]]:
     """The shapes a decoder's generations of up to ``max_new_tokens`` need, for every prompt
     bucket and batch bucket: the prompt with an empty past (padded to the smallest past bucket),
-    then one new token with each past bucket up to the longest prompt plus the new tokens."""
+    then one new token with each past bucket up to the longest prompt plus the new tokens.
+    Without ``prompts`` (a decoder that always has a past: an encoder-decoder's, whose first
+    token runs in its decoder without one), only the one-token steps."""
     kv = policy.kv
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
@@ -149,11 +225,11 @@ def generation_signatures(
             "--max-new-tokens is for a decoder with a KV cache whose dims are padded "
             "(past_key_values.* inputs and an attention mask over past + new tokens)"
         )
-    prompts = [b for b in policy.buckets[kv.sequence] if b > 1]
+    lengths = [b for b in policy.buckets[kv.sequence] if b > 1] if prompts else []
     pasts = policy.buckets[kv.past]
-    longest = (prompts[-1] if prompts else 1) + max_new_tokens - 1
+    longest = (lengths[-1] if lengths else 1) + max_new_tokens - 1
     reach = next((p for p in pasts if p >= longest), pasts[-1])
-    steps = [(b, pasts[0]) for b in prompts] + [(1, p) for p in pasts if p <= reach]
+    steps = [(b, pasts[0]) for b in lengths] + [(1, p) for p in pasts if p <= reach]
     # Every other padded dim (the batch, an encoder's length) at each of its buckets.
     others = [s for s in policy.padded_symbols if s not in (kv.past, kv.sequence)]
     found = []

@@ -119,9 +119,11 @@ def build_decoder(
     return directory / "onnx"
 
 
-def build_seq2seq(directory: Path, family: str = "t5", seed: int = 0) -> Path:
+def build_seq2seq(directory: Path, family: str = "t5", seed: int = 0, merged: bool = False) -> Path:
     """A small encoder-decoder of ``family`` ("t5", "bart" or "whisper") with random weights,
-    exported by optimum with a KV cache into ``directory/onnx``; returns that."""
+    exported by optimum with a KV cache into ``directory/onnx``; returns that. ``merged``:
+    optimum's legacy layout, the two decoders merged into ``decoder_model_merged.onnx`` (an If
+    on ``use_cache_branch``)."""
     import torch
     import transformers as tf
     from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
@@ -172,6 +174,16 @@ def build_seq2seq(directory: Path, family: str = "t5", seed: int = 0) -> Path:
         warnings.simplefilter("ignore")  # the exporter's tracer chatter
         exported = cls.from_pretrained(directory / "hf", export=True, use_cache=True)
     exported.save_pretrained(directory / "onnx")
+    if merged:
+        from optimum.onnx import merge_decoders
+
+        out = directory / "onnx"
+        decoders = [out / "decoder_model.onnx", out / "decoder_with_past_model.onnx"]
+        # strict=False: the decoder with a past returns no cross-attention keys; the merged
+        # model gives placeholders there, as optimum's own merged exports do.
+        merge_decoders(*decoders, save_path=out / "decoder_model_merged.onnx", strict=False)
+        for f in decoders:
+            f.unlink()
     return directory / "onnx"
 
 
@@ -186,6 +198,12 @@ def main() -> None:
         choices=("t5", "bart", "whisper"),
         help="build an encoder-decoder with a KV cache instead",
     )
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="with --seq2seq: merge its decoders into decoder_model_merged.onnx (optimum's "
+        "legacy layout)",
+    )
     args = parser.parse_args()
     import logging
 
@@ -194,7 +212,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     logging.getLogger("optimum").setLevel(logging.ERROR)
     if args.seq2seq:
-        print(f"optimum ONNX export with a KV cache: {build_seq2seq(args.directory, args.seq2seq)}")
+        out = build_seq2seq(args.directory, args.seq2seq, merged=args.merged)
+        print(f"optimum ONNX export with a KV cache: {out}")
         return
     if args.decoder:
         print(f"optimum ONNX export with a KV cache: {build_decoder(args.directory, args.decoder)}")
