@@ -11,7 +11,10 @@ an 8-token prompt:
    toolkit's ``inference()`` of a blob built for the same padded shapes in this process, and
    onnxruntime on the CPU (unpadded); rkort's overhead per token is the difference to the raw
    toolkit;
-3. the share of a decode step's FLOPs rkort plans for the NPU (``rkort inspect``).
+3. the share of a decode step's FLOPs rkort plans for the NPU (``rkort inspect``);
+4. encoder-decoders (T5, BART, Whisper, and BART with optimum's merged decoder; small, random
+   weights): a greedy generation's compiles and calls with rkort's mask and positions over the
+   past (the past bucketed) against the past compiled per length.
 
     .venv/bin/python benchmarks/decoding.py
 """
@@ -47,7 +50,7 @@ from _common import (
     toolkit_data_formats,
 )
 
-from rkort.integrations.example import build_decoder
+from rkort.integrations.example import build_decoder, build_seq2seq
 
 PROMPT = 8
 NEW_TOKENS = 24
@@ -221,6 +224,71 @@ def npu_share(onnx_dir: Path) -> str:
     return f"{report['npu_flop_share'] * 100:.1f} % ({len(report['segments'])} segment(s))"
 
 
+SEQ2SEQ_TOKENS = 16
+
+
+def seq2seq_rows(tmp: Path) -> list[list[Any]]:
+    """Greedy generate() of SEQ2SEQ_TOKENS tokens per encoder-decoder, past bucketed vs
+    compiled per length: compiles and calls of all its sessions."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
+
+    import rkort
+
+    rkort.install()
+    rows = []
+    for family, merged in (("t5", False), ("bart", False), ("bart", True), ("whisper", False)):
+        name = f"{family}{' (merged decoder)' if merged else ''}"
+        log(f"  seq2seq: {name}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            path = build_seq2seq(tmp / f"s2s-{family}-{merged}", family, merged=merged)
+        cls = ORTModelForSpeechSeq2Seq if family == "whisper" else ORTModelForSeq2SeqLM
+        if family == "whisper":
+            feats = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+            feed = {"input_features": torch.from_numpy(feats)}
+        else:
+            ids = torch.tensor([[5, 17, 33, 2, 9, 1]])
+            feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        kw = {
+            "max_new_tokens": SEQ2SEQ_TOKENS,
+            "min_new_tokens": SEQ2SEQ_TOKENS,
+            "do_sample": False,
+        }
+        cpu = cls.from_pretrained(path, use_cache=True)
+        start = time.perf_counter()
+        want = cpu.generate(**feed, **kw)
+        cpu_s = time.perf_counter() - start
+        for label, extra in (
+            ("past bucketed", {}),
+            ("past per length (before)", {"exact_dims": "past_decoder_sequence_length"}),
+        ):
+            options = {"cache_dir": str(tmp / f"c-{family}-{merged}-{label[:6]}"), **extra}
+            npu = cls.from_pretrained(
+                path, use_cache=True, provider="RKNN", provider_options=options
+            )
+            got = npu.generate(**feed, **kw)
+            start = time.perf_counter()
+            npu.generate(**feed, **kw)
+            again_s = time.perf_counter() - start
+            parts = [
+                rkort.session_stats(getattr(npu, p).session)
+                for p in ("encoder", "decoder", "decoder_with_past")
+                if getattr(npu, p, None) is not None
+            ]
+            rows.append(
+                [
+                    name,
+                    label,
+                    sum(s["compiles"] for s in parts),
+                    sum(s["npu_calls"] for s in parts),
+                    sum(s["cpu_calls"] for s in parts),
+                    "yes" if np.array_equal(got, want) else "NO",
+                    ratio(again_s, cpu_s),
+                ]
+            )
+    return rows
+
+
 def main() -> None:
     sections = []
     with tempfile.TemporaryDirectory(prefix="rkort-bench-decoding-") as tmp:
@@ -259,6 +327,24 @@ def main() -> None:
                 + f"\n\nOutputs of that step vs onnxruntime: min cosine {cos:.5f}. "
                 f"NPU share of a decode step's FLOPs (rkort inspect): {share}."
             )
+        log("encoder-decoders")
+        sections.append(
+            "### Encoder-decoders (optimum's ORTModelForSeq2SeqLM / ORTModelForSpeechSeq2Seq)\n\n"
+            f"Greedy generate() of {SEQ2SEQ_TOKENS} tokens, twice, empty cache; compiles and "
+            "calls of all the model's sessions (encoder and decoders) over both generations:\n\n"
+            + md_table(
+                [
+                    "model",
+                    "run",
+                    "compiles",
+                    "NPU calls",
+                    "CPU calls",
+                    "CPU's tokens",
+                    "again vs CPU",
+                ],
+                seq2seq_rows(Path(tmp)),
+            )
+        )
     publish(
         "decoding",
         "Decoders with a KV cache: generate() through rkort",

@@ -132,7 +132,7 @@ def _prove(
     rng = np.random.default_rng(0)
     try:
         feed = _probe_feed(policy, proto, dtypes, actual, rng)
-        reference = session.run(None, dict(zip(policy.input_names, feed)))
+        reference = session.run(None, dict(zip(policy.input_names, feed)), _quiet())
     except Exception as e:  # noqa: BLE001 - an input the probe could not make up
         reason = f"the padding probe could not run the model ({type(e).__name__}: {e})"
         return {"dims": {s: {"padded": False, "reason": reason} for s in policy.padded_symbols}}
@@ -194,7 +194,7 @@ def _padded_error(
     finally:
         policy.pad_values[:] = saved
     try:
-        outputs = session.run(None, dict(zip(policy.input_names, padded)))
+        outputs = session.run(None, dict(zip(policy.input_names, padded)), _quiet())
     except Exception as e:  # noqa: BLE001 - a model that refuses the padded shape
         return f"padding '{symbol}' makes onnxruntime fail ({type(e).__name__}: {str(e)[:200]})"
     valid = policy.slice_outputs(outputs, actual, signature)
@@ -276,6 +276,16 @@ def _index_bounds(proto: onnx.ModelProto) -> dict[str, int]:
                 name = alias[node.input[1]]
                 bounds[name] = min(bounds.get(name, table), table)
     return bounds
+
+
+def _quiet() -> Any:
+    """Run options that keep onnxruntime's own error log of a probe that fails (a verdict, not
+    the user's error) off stderr."""
+    from onnxruntime import RunOptions
+
+    options = RunOptions()
+    options.log_severity_level = 4
+    return options
 
 
 def _cpu_session(model: Any, session_options: Any) -> Any:

@@ -15,7 +15,7 @@ side computes from the past's real length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +292,15 @@ def added_inputs(arrays: Sequence[Any], ids: int, past: int, mask: SelfMask) -> 
     if mask.positions:
         dtype = helper.tensor_dtype_to_np_dtype(mask.positions_type)
         added.append(np.arange(length, length + new.shape[1], dtype=dtype))
+    return added
+
+
+def added_shapes(shapes: Mapping[str, Sequence[int]], mask: SelfMask) -> dict[str, tuple[int, ...]]:
+    """The shapes of the copy's added inputs for a call of the model's own input ``shapes``."""
+    ids, past = shapes[mask.ids_input], shapes[mask.past_input]
+    added = {MASK_INPUT: (ids[0], past[-2] + ids[1])}
+    if mask.positions:
+        added[POSITIONS_INPUT] = (ids[1],)
     return added
 
 

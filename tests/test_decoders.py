@@ -204,7 +204,7 @@ def test_inspect_says_how_the_kv_cache_is_padded(decoder: Path, tmp_path: Path) 
     assert "dim 'past_sequence_length + sequence_length': total: past + new tokens" in done.stdout
 
 
-@pytest.fixture(scope="module", params=["t5", "bart", "whisper"])
+@pytest.fixture(scope="module", params=["t5", "bart", "marian", "whisper"])
 def seq2seq(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, Path]:
@@ -212,10 +212,11 @@ def seq2seq(
 
 
 def test_seq2seq_generate_gives_the_cpu_tokens(seq2seq: tuple[str, Path], tmp_path: Path) -> None:
-    """ORTModelForSeq2SeqLM (T5, BART) and ORTModelForSpeechSeq2Seq (Whisper): the CPU's tokens,
-    greedy and with two beams, every call of encoder and decoders on the NPU. Their decoders take
-    no mask over the past: rkort adds one (rkort.selfmask) and buckets the past (2 compiles: batch
-    1 and 2). BART and Whisper also count positions from the past's length: rkort feeds them."""
+    """ORTModelForSeq2SeqLM (T5, BART, Marian) and ORTModelForSpeechSeq2Seq (Whisper): the CPU's
+    tokens, greedy and with two beams, every call of encoder and decoders on the NPU. Their
+    decoders take no mask over the past: rkort adds one (rkort.selfmask) and buckets the past (2
+    compiles: batch 1 and 2). BART, Marian and Whisper also count positions from the past's
+    length: rkort feeds them."""
     import torch
     from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
 
@@ -285,6 +286,18 @@ def test_a_warmed_board_runs_an_encoder_decoder_without_compiling(
     assert warm.stdout.count("1 compiled, 0 already in the cache") == 3, warm.stdout  # one each
     if merged:
         assert "branch T of decoder_model_merged.onnx:" in warm.stdout, warm.stdout
+    else:  # rkort inspect tells what the sessions run: the copy, its past bucketed
+        shapes = ["input_ids=1x1", "past_key_values.0.decoder.key=1x4x16x16"]
+        seen = _rkort(
+            "inspect",
+            str(model / "decoder_with_past_model.onnx"),
+            *[a for s in shapes for a in ("--shape", s)],
+            cache=cache,
+        )
+        assert seen.returncode == 0, seen.stderr
+        assert "dim 'past_decoder_sequence_length': past padded to 16," in seen.stdout
+        assert "rkort_attention_mask=1x17, rkort_positions=1" in seen.stdout
+        assert "sessions run rkort's copy" in seen.stdout
     app, out = tmp_path / "app.py", tmp_path / "out.json"
     app.write_text(SEQ2SEQ_APP)
     prompt = [[5, 17, 33, 2, 9, 1]]

@@ -23,12 +23,14 @@ from ..branching import branch_files, model_branching
 from ..cache import Cache
 from ..graph import default_opset
 from ..kvcache import find_layout
+from ..masked import masked_source, model_mask
 from ..model import ModelSource
 from ..options import RKNNOptions
 from ..padding import make_policy
 from ..planner import Planner
 from ..platform import default_target
 from ..rules import CPU, NPU
+from ..selfmask import MASK_INPUT, POSITIONS_INPUT, added_shapes
 from ..shapes import declared_types, signature_of
 from .common import UsageError
 
@@ -52,11 +54,23 @@ def build_report(
     shapes, assumed = _signature(proto, input_shapes or {})
     options = RKNNOptions.parse({"target": target, "cpu_ops": ",".join(force_cpu)})
     cache = cache if cache is not None else Cache()
+    masked, masking = masked_source(source, cache), []
+    if masked is not None:  # what its sessions run: rkort's copy with a mask over the past
+        mask = model_mask(source, cache)
+        assert mask is not None
+        shapes = {**shapes, **added_shapes(shapes, mask)}
+        source, proto, cpu_session = masked, masked.proto, None
+        masking.append(
+            "a decoder with a past and no mask over it: sessions run rkort's copy, which takes "
+            f"a mask over past + new tokens ({MASK_INPUT})"
+            + (f" and the new tokens' positions ({POSITIONS_INPUT})" if mask.positions else "")
+            + f" ({masked.path.name})"
+        )
     planner = Planner(source, options, cache)
     dims = _dim_report(source, options, cache, cpu_session)
     decision, _ = planner.decide(shapes)
     plan = decision.plan if decision.plan is not None else planner.place(shapes, decision.rejected)
-    notes = list(plan.notes)
+    notes = [*masking, *plan.notes]
     if decision.recorded:
         notes.append(
             f"trial builds from the cache's record ({decision.trial_builds} builds with "
@@ -233,19 +247,30 @@ def _signature(
     proto: onnx.ModelProto, given: Mapping[str, Sequence[int]]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(every input's shape, those whose dynamic dims were taken as 1; a decoder's past + new
-    tokens as 2, so the estimate's shapes agree)."""
+    tokens as 2, so the estimate's shapes agree). A dim named like one of a given input takes
+    its size (give one past_key_values input, the others follow)."""
     shapes = signature_of(proto, given, fill=1)
     declared = declared_types(proto)
     names = list(shapes)
     kv = find_layout(names, [declared[n].shape or () for n in names])
+    known = {
+        d: size
+        for n in given
+        for d, size in zip(declared[n].shape or (), shapes[n])
+        if isinstance(d, str)
+    }
+    if kv is not None and kv.total not in known and {kv.past, kv.sequence} <= set(known):
+        known[kv.total] = known[kv.past] + known[kv.sequence]
     assumed: dict[str, tuple[int, ...]] = {}
     for n, shape in shapes.items():
         dims = declared[n].shape
         if n in given or declared[n].static_shape is not None or dims is None:
             continue
-        if kv is not None:
-            shape = tuple(2 if d == kv.total else size for d, size in zip(dims, shape))
-        shapes[n] = assumed[n] = shape
+        fill = {**({kv.total: 2} if kv is not None else {}), **known}
+        shape = tuple(fill.get(d, size) for d, size in zip(dims, shape))
+        shapes[n] = shape
+        if any(d not in known for d in dims if isinstance(d, str)):
+            assumed[n] = shape
     return shapes, assumed
 
 

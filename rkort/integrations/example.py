@@ -120,54 +120,52 @@ def build_decoder(
 
 
 def build_seq2seq(directory: Path, family: str = "t5", seed: int = 0, merged: bool = False) -> Path:
-    """A small encoder-decoder of ``family`` ("t5", "bart" or "whisper") with random weights,
-    exported by optimum with a KV cache into ``directory/onnx``; returns that. ``merged``:
-    optimum's legacy layout, the two decoders merged into ``decoder_model_merged.onnx`` (an If
-    on ``use_cache_branch``)."""
+    """A small encoder-decoder of ``family`` ("t5", "bart", "marian" or "whisper") with random
+    weights, exported by optimum with a KV cache into ``directory/onnx``; returns that.
+    ``merged``: optimum's legacy layout, the two decoders merged into
+    ``decoder_model_merged.onnx`` (an If on ``use_cache_branch``)."""
     import torch
     import transformers as tf
     from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
 
     torch.manual_seed(seed)
     small = {"vocab_size": 1000, "d_model": 64, "decoder_start_token_id": 2}
+    # BART, Marian and Whisper share their layer settings' names.
+    layers = {
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128,
+        **small,
+    }
+    ends = {"pad_token_id": 1, "eos_token_id": 999}
     if family == "t5":
         model = tf.T5ForConditionalGeneration(
             tf.T5Config(d_kv=16, d_ff=128, num_layers=2, num_heads=4, **small)
         )
     elif family == "bart":
-        layers = {"encoder_layers": 2, "decoder_layers": 2, "encoder_ffn_dim": 128}
         model = tf.BartForConditionalGeneration(
-            tf.BartConfig(
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                decoder_ffn_dim=128,
-                max_position_embeddings=256,
-                **layers,
-                **small,
-            )
+            tf.BartConfig(max_position_embeddings=256, **layers)
         )
+    elif family == "marian":
+        model = tf.MarianMTModel(tf.MarianConfig(max_position_embeddings=256, **ends, **layers))
     elif family == "whisper":
         model = tf.WhisperForConditionalGeneration(
             tf.WhisperConfig(
                 num_mel_bins=80,
-                encoder_layers=2,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=128,
-                decoder_ffn_dim=128,
                 max_source_positions=1500,
                 max_target_positions=128,
-                pad_token_id=1,
                 bos_token_id=1,
-                eos_token_id=999,
                 suppress_tokens=[],
                 begin_suppress_tokens=[],
-                **small,
+                **ends,
+                **layers,
             )
         )
     else:
-        raise ValueError(f"family {family!r}: t5, bart or whisper")
+        raise ValueError(f"family {family!r}: t5, bart, marian or whisper")
     model.eval().save_pretrained(directory / "hf")
     cls = ORTModelForSpeechSeq2Seq if family == "whisper" else ORTModelForSeq2SeqLM
     with warnings.catch_warnings():
@@ -195,7 +193,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--seq2seq",
-        choices=("t5", "bart", "whisper"),
+        choices=("t5", "bart", "marian", "whisper"),
         help="build an encoder-decoder with a KV cache instead",
     )
     parser.add_argument(
