@@ -252,33 +252,48 @@ def test_seq2seq_generate_gives_the_cpu_tokens(seq2seq: tuple[str, Path], tmp_pa
 
 SEQ2SEQ_APP = """
 import json, sys
+import numpy as np
 import torch
-from optimum.onnxruntime import ORTModelForSeq2SeqLM
+from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
 import rkort
 
-model = ORTModelForSeq2SeqLM.from_pretrained(sys.argv[1], use_cache=True)
-ids = torch.tensor(json.loads(sys.argv[2]))
-out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                     max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]))
+path, feed, tokens, out = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+cls = ORTModelForSpeechSeq2Seq if "input_features" in feed else ORTModelForSeq2SeqLM
+model = cls.from_pretrained(path, use_cache=True)
+kw = {k: torch.from_numpy(feed[k]) for k in feed.files}
+got = model.generate(**kw, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
 stats = {part: rkort.session_stats(getattr(model, part).session)
          for part in ("encoder", "decoder", "decoder_with_past") if getattr(model, part, None)}
-with open(sys.argv[4], "w") as f:
-    json.dump({"tokens": out.tolist(), "stats": stats}, f)
+with open(out, "w") as f:
+    json.dump({"tokens": got.tolist(), "stats": stats}, f)
 """
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["split", "merged"])
+def _seq2seq_feed(family: str) -> dict[str, np.ndarray]:
+    if family == "whisper":
+        features = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+        return {"input_features": features}
+    ids = np.array([[5, 17, 33, 2, 9, 1]], np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+@pytest.mark.parametrize(
+    ("family", "merged"),
+    [("bart", False), ("bart", True), ("whisper", False)],
+    ids=["bart", "bart-merged", "whisper"],
+)
 def test_a_warmed_board_runs_an_encoder_decoder_without_compiling(
-    tmp_path: Path, merged: bool
+    tmp_path: Path, family: str, merged: bool
 ) -> None:
     """`rkort warmup DIR --max-new-tokens N` warms an optimum export's files (the decoder
     without a past at the start token, the one with a past at every past bucket, through rkort's
     masked copy with its positions input; for a merged decoder, each branch of its If on
-    use_cache_branch the same way); a rehearsed rk3588 then generates BART's CPU tokens with no
-    compile and every call on the NPU."""
-    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+    use_cache_branch the same way; Whisper's encoder length read from its encoder); a rehearsed
+    rk3588 then generates the CPU's tokens with no compile and every call on the NPU."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
 
-    model = build_seq2seq(tmp_path, "bart", merged=merged)
+    model = build_seq2seq(tmp_path, family, merged=merged)
     cache = tmp_path / "cache"
     flags = ["--buckets", "16", "--batch-buckets", "1", "--max-new-tokens", str(NEW_TOKENS)]
     warm = _rkort("warmup", str(model), "-q", *flags, cache=cache)
@@ -286,7 +301,7 @@ def test_a_warmed_board_runs_an_encoder_decoder_without_compiling(
     assert warm.stdout.count("1 compiled, 0 already in the cache") == 3, warm.stdout  # one each
     if merged:
         assert "branch T of decoder_model_merged.onnx:" in warm.stdout, warm.stdout
-    else:  # rkort inspect tells what the sessions run: the copy, its past bucketed
+    if family == "bart" and not merged:  # rkort inspect: what sessions run, the past bucketed
         shapes = ["input_ids=1x1", "past_key_values.0.decoder.key=1x4x16x16"]
         seen = _rkort(
             "inspect",
@@ -298,38 +313,22 @@ def test_a_warmed_board_runs_an_encoder_decoder_without_compiling(
         assert "dim 'past_decoder_sequence_length': past padded to 16," in seen.stdout
         assert "rkort_attention_mask=1x17, rkort_positions=1" in seen.stdout
         assert "sessions run rkort's copy" in seen.stdout
-    app, out = tmp_path / "app.py", tmp_path / "out.json"
+    feed = _seq2seq_feed(family)
+    app, fed, out = tmp_path / "app.py", tmp_path / "feed.npz", tmp_path / "out.json"
     app.write_text(SEQ2SEQ_APP)
-    prompt = [[5, 17, 33, 2, 9, 1]]
-    done = _rkort(
-        "run",
-        "--board",
-        "rk3588",
-        "--",
-        sys.executable,
-        str(app),
-        str(model),
-        json.dumps(prompt),
-        str(NEW_TOKENS),
-        str(out),
-        cache=cache,
-    )
+    np.savez(fed, **feed)
+    args = [str(app), str(model), str(fed), str(NEW_TOKENS), str(out)]
+    done = _rkort("run", "--board", "rk3588", "--", sys.executable, *args, cache=cache)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    import torch
-
-    cpu = ORTModelForSeq2SeqLM.from_pretrained(model, use_cache=True)
-    ids = torch.tensor(prompt)
-    want = cpu.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-    )
+    cls = ORTModelForSpeechSeq2Seq if family == "whisper" else ORTModelForSeq2SeqLM
+    cpu = cls.from_pretrained(model, use_cache=True)
+    kw = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False}
+    want = cpu.generate(**{k: torch.from_numpy(v) for k, v in feed.items()}, **kw)
     assert result["tokens"] == want.tolist()
     for part, stats in result["stats"].items():
         assert stats["compiles"] == 0 and stats["cpu_calls"] == 0, (part, stats)
         assert stats["npu_calls"] >= 1, (part, stats)
     steps = result["stats"]["decoder" if merged else "decoder_with_past"]
-    assert steps["npu_calls"] == NEW_TOKENS if merged else NEW_TOKENS - 1, steps
+    # the first token comes from the decoder without a past (a merged one: its F branch)
+    assert steps["npu_calls"] == (NEW_TOKENS if merged else NEW_TOKENS - 1), steps

@@ -13,7 +13,7 @@ from ..version import __version__
 from .buckets import add_buckets_parser
 from .cache_cmd import cmd_cache
 from .check import add_check_parser
-from .common import UsageError, parse_age, parse_shape, parse_size
+from .common import UsageError, parse_age, parse_dim, parse_shape, parse_size
 from .env import cmd_env
 from .inspect import cmd_inspect
 from .run import add_run_parser
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_shape,
         metavar="NAME=DIMxDIM",
         help="static shape for an input with dynamic dims (repeatable)",
+    )
+    w.add_argument(
+        "--dim",
+        action="append",
+        type=parse_dim,
+        metavar="NAME=SIZE",
+        help="with --max-new-tokens: the size of a dynamic dim compiled per size (repeatable; "
+        "an optimum export's encoder length is read from its encoder)",
     )
     w.add_argument(
         "--dtype",

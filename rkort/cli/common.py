@@ -25,6 +25,16 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, tuple(int(d) for d in dims.strip().split("x"))
 
 
+def parse_dim(text: str) -> tuple[str, int]:
+    """``NAME=1500`` -> ("NAME", 1500): a named dynamic dim's size."""
+    name, sep, size = text.rpartition("=")
+    if not sep or not name or not size.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=SIZE, e.g. encoder_sequence_length=1500, got {text!r}"
+        )
+    return name, int(size)
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
     if not m:

@@ -60,9 +60,11 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model} is a directory with no .onnx file")
     if args.shape or getattr(args, "from_traffic", False):
         raise UsageError("--shape and --from-traffic name one model's inputs: give an ONNX file")
+    dims = {**encoder_dims(files), **dict(args.dim or ())}
     for path in files:
         print(f"{path.name}:")
-        code = _warmup(argparse.Namespace(**{**vars(args), "model": str(path)}), directory=True)
+        one = argparse.Namespace(**{**vars(args), "model": str(path), "dim": list(dims.items())})
+        code = _warmup(one, directory=True)
         if code:
             return code
     return 0
@@ -123,10 +125,10 @@ def _warmup(args: argparse.Namespace, directory: bool = False) -> int:
                     # A decoder given rkort's mask is a seq2seq one's with-past half: its
                     # prompt runs in the decoder without a past.
                     wanted = generation_signatures(
-                        policy, args.max_new_tokens, prompts=masked is None
+                        policy, args.max_new_tokens, masked is None, dict(args.dim or ())
                     )
                 elif getattr(args, "max_new_tokens", None) is not None:
-                    wanted = first_token_signatures(policy)
+                    wanted = first_token_signatures(policy, dict(args.dim or ()))
                 signatures = [dict(zip(names, s)) for s in wanted]
                 if not signatures:
                     exact = [s for s, k in policy.kind.items() if k == "exact"]
@@ -168,6 +170,31 @@ def _warmup(args: argparse.Namespace, directory: bool = False) -> int:
         planner.close()
 
 
+def encoder_dims(files: Sequence[Path]) -> dict[str, int]:
+    """In an optimum export, the size of each decoder dim the encoder's output fixes: its
+    ``last_hidden_state`` is the decoders' ``encoder_hidden_states`` (Whisper's encoder always
+    gives 1500 positions, which its decoders name ``encoder_sequence_length``)."""
+    import onnx
+
+    from ..shapes import declared_types
+
+    def declared(path: Path, name: str) -> tuple[Any, ...]:
+        found = declared_types(onnx.load(str(path), load_external_data=False)).get(name)
+        return tuple(found.shape or ()) if found is not None else ()
+
+    encoder = next((f for f in files if f.name == "encoder_model.onnx"), None)
+    if encoder is None:
+        return {}
+    given = declared(encoder, "last_hidden_state")
+    sizes: dict[str, int] = {}
+    for f in files:
+        if f != encoder:
+            for d, size in zip(declared(f, "encoder_hidden_states"), given):
+                if isinstance(d, str) and isinstance(size, int):
+                    sizes[d] = size
+    return sizes
+
+
 def _branches(args: argparse.Namespace) -> int | None:
     """A model with Ifs decided at run time (a merged decoder's ``use_cache_branch``) runs each
     branch as a program of its own: warm each branch model (as its sessions write and find them
@@ -191,40 +218,60 @@ def _branches(args: argparse.Namespace) -> int | None:
     return 0
 
 
-def first_token_signatures(policy: ShapePolicy) -> list[tuple[tuple[int, ...], ...]]:
+def first_token_signatures(
+    policy: ShapePolicy, fixed: Mapping[str, int] | None = None
+) -> list[tuple[tuple[int, ...], ...]]:
     """The shapes the decoder of an encoder-decoder without a past runs in a generation: its
     first step, the start token alone (its ids' length compiled exactly at 1), at every bucket of
-    its padded dims; the bucket signatures for a model with no such exact dim."""
+    its padded dims, its other exact dims at their ``fixed`` sizes."""
     ids = [
         dims[1]
         for name, dims in zip(policy.input_names, policy.input_dims)
         if name in ("input_ids", "decoder_input_ids") and len(dims) == 2
     ]
+    sizes = {**dict.fromkeys(ids, 1), **(fixed or {})}
     exact = {s for s, k in policy.kind.items() if k == "exact"}
-    if not exact or not exact <= set(ids):
+    if not exact:
         return policy.signatures()
-    combos: list[dict[str, int]] = [dict.fromkeys(exact, 1)]
+    _need_sizes(exact, sizes)
+    combos: list[dict[str, int]] = [{s: sizes[s] for s in exact}]
     for s in policy.padded_symbols:
         combos = [{**c, s: b} for c in combos for b in policy.buckets[s]]
     return [policy.signature_for(c) for c in combos]
 
 
+def _need_sizes(exact: set[str], sizes: Mapping[str, int]) -> None:
+    missing = sorted(exact - set(sizes))
+    if missing:
+        raise UsageError(
+            f"dims {missing} are compiled per observed size, not padded to buckets; give each "
+            "its size with --dim NAME=SIZE"
+        )
+
+
 def generation_signatures(
-    policy: ShapePolicy, max_new_tokens: int, prompts: bool = True
+    policy: ShapePolicy,
+    max_new_tokens: int,
+    prompts: bool = True,
+    fixed: Mapping[str, int] | None = None,
 ) -> list[tuple[tuple[int, ...], ...]]:
     """The shapes a decoder's generations of up to ``max_new_tokens`` need, for every prompt
     bucket and batch bucket: the prompt with an empty past (padded to the smallest past bucket),
     then one new token with each past bucket up to the longest prompt plus the new tokens.
     Without ``prompts`` (a decoder that always has a past: an encoder-decoder's, whose first
-    token runs in its decoder without one), only the one-token steps."""
+    token runs in its decoder without one), only the one-token steps. Other exact dims (an
+    encoder's fixed length) at their ``fixed`` sizes."""
     kv = policy.kv
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
-    if kv is None or policy.exact:
+    exact = {s for s, k in policy.kind.items() if k == "exact"}
+    if kv is None or {kv.past, kv.sequence} & exact:
         raise UsageError(
             "--max-new-tokens is for a decoder with a KV cache whose dims are padded "
             "(past_key_values.* inputs and an attention mask over past + new tokens)"
         )
+    _need_sizes(exact, fixed or {})
+    pinned = {s: (fixed or {})[s] for s in exact}
     lengths = [b for b in policy.buckets[kv.sequence] if b > 1] if prompts else []
     pasts = policy.buckets[kv.past]
     longest = (lengths[-1] if lengths else 1) + max_new_tokens - 1
@@ -235,7 +282,7 @@ def generation_signatures(
     found = []
     for combo in itertools.product(*(policy.buckets[s] for s in others)):
         for new, past in steps:
-            sizes = {kv.sequence: new, kv.past: past, **dict(zip(others, combo))}
+            sizes = {kv.sequence: new, kv.past: past, **dict(zip(others, combo)), **pinned}
             found.append(policy.signature_for(sizes))
     return list(dict.fromkeys(found))
 
