@@ -298,7 +298,7 @@ def added_inputs(arrays: Sequence[Any], ids: int, past: int, mask: SelfMask) -> 
 def added_shapes(shapes: Mapping[str, Sequence[int]], mask: SelfMask) -> dict[str, tuple[int, ...]]:
     """The shapes of the copy's added inputs for a call of the model's own input ``shapes``."""
     ids, past = shapes[mask.ids_input], shapes[mask.past_input]
-    added = {MASK_INPUT: (ids[0], past[-2] + ids[1])}
+    added: dict[str, tuple[int, ...]] = {MASK_INPUT: (ids[0], past[-2] + ids[1])}
     if mask.positions:
         added[POSITIONS_INPUT] = (ids[1],)
     return added

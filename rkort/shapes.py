@@ -132,12 +132,12 @@ def traced_output_dims(
         if ta is None or tb is None or ta.shape is None or tb.shape is None:
             result.append(None)
             continue
-        dims = []
+        dims: list[Any] = []
         for x, y in zip(ta.shape, tb.shape):
             if isinstance(x, int) and x == y:
                 dims.append(x)
-            elif isinstance(x, int) and x in by_a and by_a[x] == by_b.get(y):
-                dims.append(by_a[x])
+            elif isinstance(x, int) and isinstance(y, int) and x in by_a:
+                dims.append(by_a[x] if by_a[x] == by_b.get(y) else None)
             else:
                 dims.append(None)
         result.append(dims)

@@ -267,7 +267,9 @@ def _signature(
         if n in given or declared[n].static_shape is not None or dims is None:
             continue
         fill = {**({kv.total: 2} if kv is not None else {}), **known}
-        shape = tuple(fill.get(d, size) for d, size in zip(dims, shape))
+        shape = tuple(
+            fill.get(d, size) if isinstance(d, str) else size for d, size in zip(dims, shape)
+        )
         shapes[n] = shape
         if any(d not in known for d in dims if isinstance(d, str)):
             assumed[n] = shape

@@ -75,10 +75,6 @@ def _warmup(args: argparse.Namespace, directory: bool = False) -> int:
     exported directory, or a branch), where --max-new-tokens applies only to a KV cache."""
     from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
-    split = _branches(args)
-    if split is not None:
-        return split
-
     raw = {"dtype": args.dtype, "optimization_level": str(args.optimization_level)}
     for key in _OPTION_FLAGS:
         if getattr(args, key, None):
@@ -86,6 +82,9 @@ def _warmup(args: argparse.Namespace, directory: bool = False) -> int:
     options = parse_options(raw)
     # onnxruntime reads and checks the model first: its errors are the ones the session gives.
     sess = InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    split = _branches(args)
+    if split is not None:
+        return split
     model = ModelSource(args.model)
     masked = masked_source(model, Cache(args.cache_dir))
     if masked is not None:  # a decoder given a mask over its past: its sessions run the copy
