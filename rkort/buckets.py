@@ -33,7 +33,6 @@ import onnx
 
 from .errors import InvalidArgument, ort_error
 from .kvcache import KVLayout, find_layout, is_mask
-from .shapes import output_dims_traced
 
 log = logging.getLogger("rkort")
 
@@ -82,9 +81,7 @@ class ShapePolicy:
         exact_dims: Sequence[str] = (),
     ) -> None:
         self.input_names = [i.name for i in inputs]
-        self.input_dims: list[list[Dim]] = [
-            [_dim(d, f"{i.name}:{a}") for a, d in enumerate(i.shape)] for i in inputs
-        ]
+        self.input_dims = named_dims(inputs)
         self.static = all(isinstance(d, int) for dims in self.input_dims for d in dims)
         self.output_dims: list[list[Dim]] = [list(o.shape) for o in outputs]
         self.kind: dict[str, str] = {}
@@ -102,9 +99,6 @@ class ShapePolicy:
             self.pad_values: list[float] = [0.0] * len(inputs)
             return
         symbols = [d for dims in self.input_dims for d in dims if isinstance(d, str)]
-        self.output_dims = output_dims_traced(
-            model, dict(zip(self.input_names, self.input_dims)), self.output_dims
-        )
         batch = {dims[0] for dims in self.input_dims if dims and isinstance(dims[0], str)}
         sequence = {
             dims[1]
@@ -444,6 +438,11 @@ class _DefaultSequenceBuckets(dict):  # type: ignore[type-arg]
             value = (1, *value)  # a decoder's new tokens: one per step after the prompt
         self[symbol] = value
         return value
+
+
+def named_dims(inputs: Sequence[Any]) -> list[list[Dim]]:
+    """The inputs' dims, an unnamed dynamic dim named after its input and axis."""
+    return [[_dim(d, f"{i.name}:{a}") for a, d in enumerate(i.shape)] for i in inputs]
 
 
 def _dim(d: Any, unnamed: str) -> Dim:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 
-from .buckets import ShapePolicy, is_mask
+from .buckets import ShapePolicy, is_mask, named_dims
 from .cache import Cache
 from .cache.entry import make_key
 from .feed import dtype_of
 from .model import ModelSource
 from .options import RKNNOptions
+from .shapes import output_dims_traced
 
 log = logging.getLogger("rkort")
 
@@ -44,6 +45,9 @@ def make_policy(
     """The shape rules a session with these options follows (which dims pad to which buckets):
     a dim is padded only where the padding probe proves it harmless (its verdict kept in
     ``cache``, or in the default cache)."""
+    if not _named(inputs, outputs):
+        cache = cache if cache is not None else Cache(options.cache_dir)
+        outputs = traced_outputs(model, inputs, outputs, cache)
     policy = ShapePolicy(
         model,
         inputs,
@@ -57,6 +61,37 @@ def make_policy(
         cache = cache if cache is not None else Cache(options.cache_dir)
         prove_padding(policy, model, inputs, cache, model.content_hash(cache), session_options)
     return policy
+
+
+class _Output(NamedTuple):
+    name: str
+    shape: list[Any]
+    type: str
+
+
+def _named(inputs: Sequence[Any], outputs: Sequence[Any]) -> bool:
+    """Whether every output dim is a size or an input's dim, as declared."""
+    symbols = {d for dims in named_dims(inputs) for d in dims if isinstance(d, str)}
+    return all(isinstance(d, int) or d in symbols for o in outputs for d in o.shape)
+
+
+def traced_outputs(
+    model: ModelSource, inputs: Sequence[Any], outputs: Sequence[Any], cache: Cache
+) -> Sequence[Any]:
+    """``outputs`` with the dims their declarations leave unnamed or unknown traced to input
+    dims (:func:`rkort.shapes.output_dims_traced`, which plans the graph), kept in the cache so
+    a warm open does not trace again."""
+    if _named(inputs, outputs):
+        return outputs
+    model_hash = model.content_hash(cache)
+    key = make_key({"kind": "output_dims", "output_dims_format": 1, "model": model_hash})
+    body = cache.records.get(model_hash, key)
+    dims = body.get("dims") if isinstance(body, Mapping) else None
+    if not isinstance(dims, list) or len(dims) != len(outputs):
+        named = dict(zip((i.name for i in inputs), named_dims(inputs)))
+        dims = output_dims_traced(model, named, [list(o.shape) for o in outputs])
+        cache.records.put(model_hash, key, {"dims": dims})
+    return [_Output(o.name, list(d), o.type) for o, d in zip(outputs, dims)]
 
 
 def prove_padding(
