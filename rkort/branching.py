@@ -25,10 +25,11 @@ import numpy as np
 import onnx
 
 from .branches import Branching, branch_model, branching, condition_model
-from .cache import Cache, make_key
+from .cache import Cache, make_key, session_cache
 from .engine import CpuCall, RKNNEngine
 from .errors import Unsupported
 from .files import owned_tempdir, write_atomic
+from .front import EngineFront
 from .masked import MaskedEngine, model_mask
 from .model import ModelSource
 from .options import RKNNOptions
@@ -50,14 +51,14 @@ def open_engine(
 ) -> RKNNEngine | BranchEngine | MaskedEngine:
     """The engine for a session of ``model``: one per branch of its runtime Ifs, one on its copy
     with a mask over the past (a decoder exported without one), or one."""
-    cache = Cache(options.cache_dir)
+    cache = session_cache(options)
     split = model_branching(model, cache)
     if split.ifs:
-        return BranchEngine(model, split, inputs, outputs, options, stats, cpu_options)
+        return BranchEngine(model, split, inputs, outputs, options, stats, cpu_options, cache)
     mask = model_mask(model, cache)
     if mask is not None:
-        return MaskedEngine(model, mask, inputs, outputs, options, stats, cpu_options)
-    return RKNNEngine(model, inputs, outputs, options, stats, cpu_options)
+        return MaskedEngine(model, mask, inputs, outputs, options, stats, cpu_options, cache)
+    return RKNNEngine(model, inputs, outputs, options, stats, cpu_options, cache)
 
 
 def model_branching(model: ModelSource, cache: Cache) -> Branching:
@@ -134,7 +135,7 @@ def branch_files(model: ModelSource, split: Branching, cache: Cache) -> dict[str
     return {k: directory / v for k, v in names.items()}
 
 
-class BranchEngine:
+class BranchEngine(EngineFront):
     """Runs a model with runtime Ifs: the conditions on the CPU, then the chosen branch model's
     engine. A branch that cannot run on RKNN sends its calls to the CPU (:class:`CpuCall`)."""
 
@@ -149,15 +150,12 @@ class BranchEngine:
         options: RKNNOptions,
         stats: SessionStats | None = None,
         cpu_options: Any = None,
+        cache: Cache | None = None,
     ) -> None:
         from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession
 
-        self.options = options
-        self.cache = Cache(options.cache_dir)
-        self.model_hash = model.content_hash(self.cache)
+        super().__init__(model, inputs, outputs, options, cache)
         self.stats = stats if stats is not None else SessionStats(model.path.name)
-        self.input_names = tuple(i.name for i in inputs)
-        self.output_names = tuple(o.name for o in outputs)
         self.split = split
         self._name = model.path.name
         files = branch_files(model, split, self.cache)
@@ -183,9 +181,9 @@ class BranchEngine:
                     # A merged decoder's branch with a past is a decoder with a past.
                     mask = model_mask(source, self.cache)
                     engine = (
-                        RKNNEngine(source, *args, cpu_options)
+                        RKNNEngine(source, *args, cpu_options, self.cache)
                         if mask is None
-                        else MaskedEngine(source, mask, *args, cpu_options)
+                        else MaskedEngine(source, mask, *args, cpu_options, self.cache)
                     )
                 except Unsupported as e:
                     self._failed[choice] = f"branch {label} of {self._name}: {e}"

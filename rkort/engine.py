@@ -20,7 +20,7 @@ from . import backends
 from .backends.base import Runner, RunnerClosed, RunnerDied, RunnerError
 from .backends.pool import Budget, ContextPool
 from .buckets import NotWarmed, Oversize
-from .cache import Cache
+from .cache import Cache, session_cache
 from .calibration import InputRecorder
 from .decision import Decision, Part
 from .errors import InvalidArgument, Unsupported, ort_error
@@ -69,15 +69,14 @@ class RKNNEngine:
         options: RKNNOptions,
         stats: SessionStats | None = None,
         cpu_options: Any = None,
+        cache: Cache | None = None,
     ) -> None:
         self.options = options
         self._cpu_options = cpu_options
         for arg in [*inputs, *outputs]:
             _tensor_dtype(arg)
         self.backend = backends.choose(options)
-        self.cache = Cache(
-            options.cache_dir, remote=options.remote_cache, remote_write=options.remote_write
-        )
+        self.cache = cache if cache is not None else session_cache(options)
         self.stats = stats if stats is not None else SessionStats(model.path.name)
         self._model = model
         self.planner = Planner(model, options, self.cache)

@@ -17,6 +17,7 @@ import onnx
 from .cache import Cache, make_key
 from .engine import RKNNEngine
 from .files import write_atomic
+from .front import EngineFront
 from .model import ModelSource
 from .options import RKNNOptions
 from .selfmask import (
@@ -99,7 +100,7 @@ def masked_source(model: ModelSource, cache: Cache) -> ModelSource | None:
     return None if mask is None else ModelSource(masked_file(model, mask, cache))
 
 
-class MaskedEngine:
+class MaskedEngine(EngineFront):
     """Runs a decoder through its masked copy: the user's inputs and a mask of ones."""
 
     def __init__(
@@ -111,12 +112,9 @@ class MaskedEngine:
         options: RKNNOptions,
         stats: SessionStats | None = None,
         cpu_options: Any = None,
+        cache: Cache | None = None,
     ) -> None:
-        self.options = options
-        self.cache = Cache(options.cache_dir)
-        self.model_hash = model.content_hash(self.cache)
-        self.input_names = tuple(i.name for i in inputs)
-        self.output_names = tuple(o.name for o in outputs)
+        super().__init__(model, inputs, outputs, options, cache)
         self.mask = mask
         path = masked_file(model, mask, self.cache)
         added = [MaskArg(MASK_INPUT, [mask.batch, mask.total], "tensor(int64)")]
@@ -129,7 +127,7 @@ class MaskedEngine:
             self.input_names.index(mask.past_input),
         )
         self._engine = RKNNEngine(
-            ModelSource(path), [*inputs, *added], renamed, options, stats, cpu_options
+            ModelSource(path), [*inputs, *added], renamed, options, stats, cpu_options, self.cache
         )
         self.parts = self._engine.parts
         self.npu_only = self._engine.npu_only

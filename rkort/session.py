@@ -22,7 +22,7 @@ from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession a
 
 from .backends.base import RunnerDied
 from .branching import BranchEngine, open_engine
-from .cache import Cache
+from .cache import session_cache
 from .calls import ORT_ERRORS, RUN, check_terminate, cpu_options, run_context, status_text
 from .engine import CpuCall, RKNNEngine
 from .errors import EPFail, Unsupported, ort_error
@@ -177,7 +177,7 @@ class InferenceSession(_OrtSession):
                 self._source = ModelSource(
                     self._model_path if self._model_path is not None else self._model_bytes
                 )
-            cache = Cache(options.cache_dir, remote=options.remote_cache)
+            cache = session_cache(options)
             return recorded_face(cache, self._source.content_hash(cache))
         except Exception:  # noqa: BLE001 - no face: onnxruntime loads the model, and says what is wrong
             return None

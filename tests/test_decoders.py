@@ -19,9 +19,19 @@ import pytest
 
 import rkort
 from rkort.integrations.example import build_decoder, build_seq2seq
+from rkort.integrations.install import uninstall
 from tests.conftest import needs_rknn
 
 pytestmark = needs_rknn
+
+
+@pytest.fixture(autouse=True)
+def _onnxruntime_restored() -> Any:
+    """rkort.install() patches onnxruntime for the process: undo it after each test, so a later
+    test's onnxruntime is onnxruntime's own."""
+    yield
+    uninstall()
+
 
 PROMPT = [[5, 17, 33, 2, 9]]
 NEW_TOKENS = 12

@@ -69,6 +69,7 @@ LAYERS: list[list[str]] = [
     ["rkort.program", "rkort.parts"],
     ["rkort.multishape"],
     ["rkort.engine"],
+    ["rkort.front"],
     ["rkort.masked"],
     ["rkort.branching"],
     # 7 the session face

@@ -8,6 +8,7 @@ miss and publishes to, ``bundle`` the tar files that carry entries from a build 
 from __future__ import annotations
 
 from ..files import BlobNotWritten
+from ..options import RKNNOptions
 from . import store
 from .bundle import BundleError, export_bundle, import_bundle
 from .entry import FORMAT_VERSION, IDENTITY_FIELDS, CacheError, Entry, default_cache_dir, make_key
@@ -16,6 +17,12 @@ from .store import Cache
 
 # The store sits below the remote in the layering; it is told here how to open one.
 store.open_remote = open_remote
+
+
+def session_cache(options: RKNNOptions) -> Cache:
+    """The cache a session's engines share: the options' directory and remote."""
+    return Cache(options.cache_dir, remote=options.remote_cache, remote_write=options.remote_write)
+
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,4 +36,5 @@ __all__ = [
     "export_bundle",
     "import_bundle",
     "make_key",
+    "session_cache",
 ]
