@@ -430,14 +430,36 @@ def quiet_fds(log_path: str | os.PathLike[str] | None = None) -> Iterator[None]:
             os.close(fd)
 
 
+def compiled_env(prefix: Path) -> dict[str, str]:
+    """This environment, with rkort's (an editable install's) and the benchmarks' modules
+    byte-compiled into ``prefix`` for children to import, as from an installed wheel (pip
+    compiles a wheel's modules; an editable checkout under PYTHONDONTWRITEBYTECODE would
+    compile every module from source in each fresh process)."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "rkort", "tests", "benchmarks"],
+        cwd=repo,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return env
+
+
 def run_child(
-    script: Path, kind: str, log_path: Path, timeout: float = 900, **params: Any
+    script: Path,
+    kind: str,
+    log_path: Path,
+    timeout: float = 900,
+    env: Mapping[str, str] | None = None,
+    **params: Any,
 ) -> dict[str, Any]:
     """Run ``python script --child KIND --params JSON --out FILE`` (see :func:`main`) with its
     console output in ``log_path`` and return the JSON it wrote, with ``_others_cpu`` added
     (other work's CPU share meanwhile). ``params`` are JSON data, :class:`Model` objects
-    included. Used for parts that load rknn-toolkit2 (its output is noise) or need a fresh
-    process."""
+    included; ``env`` replaces the environment. Used for parts that load rknn-toolkit2 (its
+    output is noise) or need a fresh process."""
     with tempfile.TemporaryDirectory(prefix="rkort-bench-child-") as tmp:
         out = Path(tmp) / "result.json"
         start = _cpu_now()
@@ -456,6 +478,7 @@ def run_child(
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=tmp,  # the toolkit may drop files into its working directory
+                env=None if env is None else dict(env),
                 timeout=timeout,
                 check=False,
             )

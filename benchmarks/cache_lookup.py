@@ -439,6 +439,7 @@ def board_opens(
 ) -> dict[str, Any]:
     me = Path(__file__).resolve()
     out: dict[str, Any] = {}
+    env = c.compiled_env(tmp / "pycache")
     for m in models:
         cache = tmp / f"warmed-{m.path.stem}"
         c.log(f"rkort warmup {m.path.name} (a real build) ...")
@@ -454,6 +455,7 @@ def board_opens(
                     me,
                     "rehearsal-open",
                     log_path,
+                    env=env,
                     model=m,
                     cache_dir=str(cache),
                     blob=str(blob),
@@ -464,7 +466,9 @@ def board_opens(
         real = None
         if real_init and m is models[-1]:
             c.log(f"{m.name}: one rehearsed warm open with the stand-in's real init_runtime ...")
-            real = c.run_child(me, "rehearsal-real", log_path, model=m, cache_dir=str(cache))
+            real = c.run_child(
+                me, "rehearsal-real", log_path, env=env, model=m, cache_dir=str(cache)
+            )
         out[m.name] = {"warmup": took, "blob": blob.stat().st_size, "runs": runs, "real": real}
     return out
 

@@ -10,8 +10,12 @@ its weights. The whole model is loaded when a call must run on the CPU.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
-from typing import Any, Optional
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnx
@@ -110,14 +114,33 @@ def face_model(face: dict[str, Any]) -> bytes:
 
 def recorded_face(cache: Cache, model_hash: str) -> Optional[bytes]:
     """The face model of a model whose face the cache holds, else None."""
-    body = cache.records.get(model_hash, face_key(model_hash))
+    key = face_key(model_hash)
+    path = cache.records.path(model_hash, key)
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        stamp: Any = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None
+    made = _MADE.get(str(path))
+    if stamp is not None and made is not None and made[0] == stamp:
+        return made[1]  # the face this process made from this very record file
+    body = cache.records.get(model_hash, key)
     if body is None or body.get("format") != FACE_FORMAT:
         return None
     try:
-        return face_model(body)
+        face = face_model(body)
     except Exception as e:  # noqa: BLE001 - a face that cannot be made: load the model instead
         log.debug("the recorded face of model %s cannot be used: %s", model_hash[:12], e)
         return None
+    if stamp is not None:
+        if len(_MADE) > 64:
+            _MADE.clear()
+        _MADE[str(path)] = (stamp, face)
+    return face
+
+
+#: Faces made from record files, by the file's path: (its stat then, the face model).
+_MADE: dict[str, tuple[Any, bytes]] = {}
 
 
 def record_face(cache: Cache, model_hash: str, proto: onnx.ModelProto) -> None:
@@ -131,6 +154,67 @@ def record_face(cache: Cache, model_hash: str, proto: onnx.ModelProto) -> None:
             cache.records.put(model_hash, face_key(model_hash), face)
     except Exception as e:  # noqa: BLE001 - sessions open on the whole model then
         log.debug("could not record the face of model %s: %s", model_hash[:12], e)
+
+
+def face_session_options() -> Any:
+    """onnxruntime options of a shared face session: it answers questions about the model and
+    never runs it (no thread pools, no graph optimizations)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+class SharedFaces:
+    """onnxruntime sessions of model faces, shared by the sessions of this process that open on
+    the same face with the same CPU providers and no session options of their own.
+
+    A face session only answers questions about the model (it never runs it), so one serves
+    every such session: re-opening a warmed model creates no onnxruntime session (and no
+    onnxruntime thread pool) after the first. Kept for the ``limit`` faces used last.
+    """
+
+    def __init__(self, limit: int = 16) -> None:
+        self._limit = limit
+        self._states: OrderedDict[tuple[bytes, str], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def adopt(self, session: Any, face: bytes, cpu_args: Any, create: Callable[[], None]) -> None:
+        """Give ``session`` onnxruntime's state for ``face``: the shared one if this process
+        has it, else what ``create()`` (onnxruntime's own session creation) sets, then shared."""
+        key = (hashlib.sha256(face).digest(), repr(cpu_args))
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+        if state is not None:
+            # Lists and dicts copied: a session changes its own providers later.
+            session.__dict__.update(
+                {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in state.items()}
+            )
+            return
+        before = dict(session.__dict__)
+        create()
+        state = {
+            k: (v.copy() if isinstance(v, (list, dict)) else v)
+            for k, v in session.__dict__.items()
+            if k not in before or before[k] is not v
+        }
+        with self._lock:
+            self._states[key] = state
+            while len(self._states) > self._limit:
+                self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+
+
+#: The face sessions this process shares (see :class:`SharedFaces`).
+SHARED = SharedFaces()
 
 
 def _parse(cls: Any, text: str) -> Any:

@@ -16,7 +16,9 @@ import importlib.util
 import mmap
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 #: The target platforms rknn-toolkit2 2.5.0 accepts in ``config(target_platform=...)``.
 SUPPORTED_TARGETS: tuple[str, ...] = (
@@ -146,15 +148,24 @@ def librknnrt_version() -> str | None:
 
 def _librknnrt_version_in(path: Path) -> str | None:
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            at = data.find(b"librknnrt version: ")
-            if at < 0:
-                return None
-            text = data[at : at + 120].split(b"\0", 1)[0].decode("ascii", "replace")
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            stamp = (str(path), st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if stamp in _RUNTIME_VERSIONS:
+                return _RUNTIME_VERSIONS[stamp]  # this very file, read before by this process
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                at = data.find(b"librknnrt version: ")
+                text = data[at : at + 120].split(b"\0", 1)[0].decode("ascii", "replace")
     except (OSError, ValueError):
         return None
-    match = re.match(r"librknnrt version: v?(\S+)", text)
-    return match.group(1) if match else None
+    match = re.match(r"librknnrt version: v?(\S+)", text) if at >= 0 else None
+    version = match.group(1) if match else None
+    _RUNTIME_VERSIONS[stamp] = version
+    return version
+
+
+#: librknnrt versions read (each open of a board session checks the runtime), by file stamp.
+_RUNTIME_VERSIONS: dict[tuple[Any, ...], str | None] = {}
 
 
 @functools.cache
@@ -191,11 +202,30 @@ def toolkit_version() -> str | None:
     A distribution whose package cannot be imported here (removed, or kept out of this process)
     counts as absent: what matters is whether a compile can run.
     """
-    if importlib.util.find_spec("rknn") is None:
+    if not _importable("rknn"):
         return None
     return _installed_version("rknn-toolkit2", "rknn")
 
 
 def board_runtime_importable() -> bool:
     """True when rknn-toolkit-lite2's ``rknnlite`` package can be imported here."""
-    return importlib.util.find_spec("rknnlite") is not None
+    return _importable("rknnlite")
+
+
+_FOUND: dict[tuple[Any, ...], bool] = {}
+
+
+def _importable(package: str) -> bool:
+    """``importlib.util.find_spec(package) is not None``, remembered for as long as the import
+    system looks the same (``sys.path``, ``sys.meta_path``): looking for a package that is not
+    imported scans every path entry, twice per session open."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    key = (package, tuple(sys.path), tuple(map(id, sys.meta_path)))
+    found = _FOUND.get(key)
+    if found is None:
+        found = importlib.util.find_spec(package) is not None
+        if len(_FOUND) > 64:
+            _FOUND.clear()
+        _FOUND[key] = found
+    return found

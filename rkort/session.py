@@ -26,7 +26,8 @@ from .cache import session_cache
 from .calls import ORT_ERRORS, RUN, check_terminate, cpu_options, run_context, status_text
 from .engine import CpuCall, RKNNEngine
 from .errors import EPFail, Unsupported, ort_error
-from .face import recorded_face
+from .face import SHARED as SHARED_FACES
+from .face import face_session_options, recorded_face
 from .feed import dtype_of, output_indices, prepare
 from .iobinding import IOBinding
 from .masked import MaskedEngine
@@ -183,12 +184,32 @@ class InferenceSession(_OrtSession):
             return None
 
     def _open_on_face(self, face: bytes) -> None:
-        path, data = self._model_path, self._model_bytes
-        self._model_path, self._model_bytes = None, face
-        try:
-            super()._create_inference_session(*self._cpu_args)
-        finally:
-            self._model_path, self._model_bytes = path, data
+        def create() -> None:
+            path, data = self._model_path, self._model_bytes
+            self._model_path, self._model_bytes = None, face
+            try:
+                _OrtSession._create_inference_session(self, *self._cpu_args)
+            finally:
+                self._model_path, self._model_bytes = path, data
+
+        # Session options of the user's own (threads, profiling, optimized model files...) keep
+        # a face session of this session's own; without, sessions share one face session, made
+        # without thread pools (it never runs), and each reports onnxruntime's default options.
+        if getattr(self, "_sess_options_initial", True) is None:
+
+            def create_shared() -> None:
+                self._sess_options = face_session_options()
+                create()
+
+            SHARED_FACES.adopt(
+                self,
+                face,
+                (self._cpu_args, getattr(self, "_read_config_from_model", None)),
+                create_shared,
+            )
+            self._sess_options = _ort.SessionOptions()
+        else:
+            create()
 
     def _settle(self, engine: RKNNEngine | BranchEngine | MaskedEngine) -> None:
         """The NPU runs the whole model: keep onnxruntime on the model's face only (the whole

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -65,6 +66,68 @@ def test_a_model_on_the_npu_keeps_only_its_face(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sess.run(None, huge)[0], ref.run(None, huge)[0])
     assert sess._whole
     assert rkort.session_stats(sess)["cpu_calls"] == 1
+
+
+def test_sessions_of_a_warmed_model_share_one_face_session(tmp_path: Path) -> None:
+    """Re-opening a warmed model creates no onnxruntime session (nor its thread pool): sessions
+    without session options of their own share one face session; a session with its own
+    options keeps its own; a session that loads the whole model leaves the others alone."""
+    m = models.mlp(tmp_path)
+    ref = ort.InferenceSession(str(m.path))
+    _session(m.path, tmp_path / "cache")  # records the face
+    a, b = _session(m.path, tmp_path / "cache"), _session(m.path, tmp_path / "cache")
+    assert a._sess is b._sess and not a._whole and not b._whole
+    _same_face(b, ref)
+    assert a.get_session_options().intra_op_num_threads == 0  # onnxruntime's default
+    a.get_providers().append("not shared")  # each session's answers are its own
+    assert b.get_providers() == [RKNN, "CPUExecutionProvider"]
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    own = rkort.InferenceSession(
+        m.path,
+        options,
+        providers=[(RKNN, {"cache_dir": str(tmp_path / "cache")}), "CPUExecutionProvider"],
+    )
+    assert own._sess is not a._sess and not own._whole
+    assert own.get_session_options().intra_op_num_threads == 1
+    _same_face(own, ref)
+
+    feed = dict(zip(m.input_names, m.make_feed(0)))
+    huge = {"x": np.full_like(feed["x"], 1e6)}
+    np.testing.assert_array_equal(a.run(None, huge)[0], ref.run(None, huge)[0])  # on the CPU
+    assert a._whole and a._sess is not b._sess and not b._whole
+    np.testing.assert_allclose(b.run(None, feed)[0], ref.run(None, feed)[0], atol=1e-2)
+    assert rkort.session_stats(b)["npu_calls"] == 1
+    with pytest.raises(ValueError, match="Required inputs"):
+        b.run(None, {})
+
+
+def test_a_warm_open_reads_the_model_hash_memo_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rkort import files
+
+    m = models.mlp(tmp_path)
+    monkeypatch.setattr("rkort.cache.hashes._RACY_WINDOW_S", 0.0)
+    _session(m.path, tmp_path / "cache")
+    reads: list[str] = []
+    real = files.read_json
+
+    def counting(path: Path, *args: object) -> object:
+        reads.append(str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(files, "read_json", counting)
+    _session(m.path, tmp_path / "cache")
+    assert not [r for r in reads if "/hashes/" in r]
+    # A changed model is hashed again (its stamp changed), not answered from memory.
+    before = ModelSource(m.path).content_hash(rkort.cache.Cache(tmp_path / "cache"))
+    proto = onnx.load(m.path)
+    proto.doc_string = "changed"
+    onnx.save(proto, m.path)
+    after = ModelSource(m.path).content_hash(rkort.cache.Cache(tmp_path / "cache"))
+    assert after != before
 
 
 def test_io_binding_made_on_the_face_works_after_the_model_loads(tmp_path: Path) -> None:

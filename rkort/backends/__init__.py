@@ -55,6 +55,8 @@ def choose(options: RKNNOptions) -> Backend:
     """The backend that runs the NPU's work here: the adb board named by ``device_id``, else this
     board's NPU, else the host simulator."""
     for name in ("adb", "board", "simulator"):
+        if name == "adb" and not options.device_id:
+            continue  # adb serves only a session that names its device (not even imported)
         backend = get(name)
         if backend.available(options):
             return backend

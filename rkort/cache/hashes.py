@@ -26,6 +26,11 @@ logger = logging.getLogger("rkort.cache")
 # memoized, the same "racily clean" rule git and ccache follow.
 _RACY_WINDOW_S = 2.0
 
+#: What this process already read from the memos, by (kind, cache root, real path): the stamp it
+#: was read for and its value. A session open asks for its model's hash several times; an
+#: unchanged stamp answers from here without reading the memo file again.
+_SEEN: dict[tuple[str, str, str], tuple[list[Any], Any]] = {}
+
 
 def _stamp(real: str, st: os.stat_result) -> list[Any]:
     return [real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev]
@@ -62,8 +67,12 @@ class HashMemo:
         external data), with that list memoized by the model file's stat too: an unchanged
         model is neither read nor parsed again."""
         real = os.path.realpath(os.fspath(path))
-        memo_path = self.root / "hashes" / f"{_name(real)}.extra.json"
         stamp = _stamp(real, os.stat(real))
+        seen = ("extra", str(self.root), real)
+        known = _SEEN.get(seen)
+        if known is not None and known[0] == stamp:
+            return self.content_hash(real, known[1])
+        memo_path = self.root / "hashes" / f"{_name(real)}.extra.json"
         memo = files.read_json(memo_path) if self._ready() else None
         if (
             isinstance(memo, dict)
@@ -71,6 +80,7 @@ class HashMemo:
             and isinstance(memo.get("files"), list)
         ):
             extra = [str(f) for f in memo["files"]]
+            _SEEN[seen] = (stamp, extra)
         else:
             extra = [os.fspath(f) for f in find_extra()]
             try:
@@ -78,17 +88,24 @@ class HashMemo:
                 files.write_atomic(memo_path, json.dumps({"stamp": stamp, "files": extra}).encode())
             except OSError as exc:
                 logger.debug("could not memoize the data files of %s: %s", real, exc)
+            else:
+                _SEEN[seen] = (stamp, extra)
         return self.content_hash(real, extra)
 
     def file_digest(self, path: files.StrPath) -> str:
         real = os.path.realpath(os.fspath(path))
-        memo_path = self.root / "hashes" / f"{_name(real)}.json"
         stamp = _stamp(real, os.stat(real))
+        seen = ("sha256", str(self.root), real)
+        known = _SEEN.get(seen)
+        if known is not None and known[0] == stamp:
+            return str(known[1])
+        memo_path = self.root / "hashes" / f"{_name(real)}.json"
         if self._ready():
             memo = files.read_json(memo_path)
             if isinstance(memo, dict) and memo.get("stamp") == stamp:
                 digest = memo.get("sha256")
                 if isinstance(digest, str) and KEY_RE.fullmatch(digest):
+                    _SEEN[seen] = (stamp, digest)
                     return digest
         started = time.time()
         digest, before, after = files.sha256_file(real)
@@ -102,6 +119,8 @@ class HashMemo:
             files.write_atomic(memo_path, json.dumps({"stamp": stamp, "sha256": digest}).encode())
         except OSError as exc:
             logger.debug("could not memoize the hash of %s in %s: %s", real, self.root, exc)
+        else:
+            _SEEN[seen] = (stamp, digest)
         return digest
 
 
