@@ -308,21 +308,26 @@ from rkort.compiler import BuildSpec
 spec = BuildSpec(sys.argv[1], ("x",), ((2, 16),), ("float32",), ("y",), ((2, 8),), ("float32",))
 runner = open_simulator(spec)
 print(runner.pid, runner._worker.workdir, flush=True)
+if sys.argv[2:] == ["stopped"]:
+    # A worker that cannot run its own watcher thread (as when the toolkit's native code spins
+    # holding the GIL): stopped outright.
+    os.kill(runner.pid, 19)
 os.kill(os.getpid(), 9)
 """
 
 
 @needs_simulator
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("worker", ["idle", "stopped"])
 def test_worker_goes_away_with_the_users_process(
-    test_models: dict[str, models.TestModel],
+    test_models: dict[str, models.TestModel], worker: str
 ) -> None:
     import subprocess
     import sys
     import time
 
     done = subprocess.run(
-        [sys.executable, "-c", ORPHAN_SCRIPT, str(test_models["mlp"].path)],
+        [sys.executable, "-c", ORPHAN_SCRIPT, str(test_models["mlp"].path), worker],
         capture_output=True,
         text=True,
         timeout=120,
@@ -332,7 +337,9 @@ def test_worker_goes_away_with_the_users_process(
     deadline = time.monotonic() + 60
     while process_alive(int(pid_text)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not process_alive(int(pid_text)), "the worker outlived the process that started it"
+    if process_alive(int(pid_text)):
+        os.kill(int(pid_text), signal.SIGKILL)  # leave no orphan behind a failure
+        raise AssertionError("the worker outlived the process that started it")
     while os.path.exists(workdir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(workdir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
 import sys
@@ -230,7 +231,12 @@ def _serve(conn: Connection, rknn: Any, input_shapes: list[list[int]]) -> None:
 
 
 def _exit_with_parent() -> None:
-    """End this worker when the process that started it is gone (it runs in its own session)."""
+    """End this worker when the process that started it is gone (it runs in its own session).
+
+    A watchdog process (forked here, before the toolkit is loaded) does it: a thread of this
+    worker could not, while the toolkit's native code holds the GIL (the simulator spins for
+    ever on some float16 overflows, and such a worker outlived a SIGKILLed app). The thread
+    stays as a second line, for a system where the fork fails."""
     try:
         parent = int(os.environ[PARENT_ENV])
     except (KeyError, ValueError):
@@ -238,6 +244,11 @@ def _exit_with_parent() -> None:
     if os.getppid() != parent:  # gone before we started watching
         _remove_own_workdir()
         os._exit(0)
+    try:
+        if os.fork() == 0:
+            _watchdog(parent, os.getppid())
+    except OSError:
+        pass
 
     def watch() -> None:
         while True:
@@ -247,6 +258,42 @@ def _exit_with_parent() -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name="rkort-parent-watch", daemon=True).start()
+
+
+def _watchdog(app: int, worker: int) -> None:
+    """In the forked watchdog: SIGKILL ``worker`` (and remove its workdir) once ``app`` is gone;
+    leave when the worker is. Never returns."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.closerange(3, 1 << 16)  # the worker's pipe must end with the worker, not with us
+        try:
+            handle: int | None = os.pidfd_open(app)
+        except (AttributeError, OSError):
+            handle = None  # no pidfd here: poll the pid
+        while os.getppid() == worker:
+            if handle is not None:
+                gone = bool(select.select([handle], [], [], 0.5)[0])
+            else:
+                time.sleep(0.5)
+                gone = not _alive(app)
+            if gone:
+                os.kill(worker, signal.SIGKILL)
+                _remove_own_workdir()
+                break
+    except BaseException:  # noqa: BLE001 - a watchdog never raises into the worker's code
+        code = 1
+    os._exit(code)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _remove_own_workdir() -> None:
