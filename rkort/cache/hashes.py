@@ -66,6 +66,10 @@ class HashMemo:
         """:meth:`content_hash` of a model file and the files ``find_extra()`` names (its
         external data), with that list memoized by the model file's stat too: an unchanged
         model is neither read nor parsed again."""
+        given = (str(self.root), os.fspath(path))
+        known_model = _MODELS.get(given)
+        if known_model is not None and all(_quick(f) == q for f, q in known_model[0]):
+            return known_model[1]  # the same files as last time: no realpath, no memo read
         real = os.path.realpath(os.fspath(path))
         stamp = _stamp(real, os.stat(real))
         seen = ("extra", str(self.root), real)
@@ -90,7 +94,17 @@ class HashMemo:
                 logger.debug("could not memoize the data files of %s: %s", real, exc)
             else:
                 _SEEN[seen] = (stamp, extra)
-        return self.content_hash(real, extra)
+        before = [(f, _quick(f)) for f in (os.fspath(path), *extra)]
+        digest = self.content_hash(real, extra)
+        if all(self._trusted(f) for f, _ in before):
+            # Remembered only when the memo trusts every file (none racily new).
+            _MODELS[given] = (before, digest)
+        return digest
+
+    def _trusted(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        known = _SEEN.get(("sha256", str(self.root), real))
+        return known is not None and known[0] == _stamp(real, os.stat(real))
 
     def file_digest(self, path: files.StrPath) -> str:
         real = os.path.realpath(os.fspath(path))
@@ -122,6 +136,19 @@ class HashMemo:
         else:
             _SEEN[seen] = (stamp, digest)
         return digest
+
+
+#: Model hashes this process computed, by (cache root, the path as given): the files' quick
+#: stamps (the model's and its data files', symlinks followed) and the hash.
+_MODELS: dict[tuple[str, str], tuple[list[tuple[str, tuple[int, ...]]], str]] = {}
+
+
+def _quick(path: str) -> tuple[int, ...]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev)
 
 
 def _name(real: str) -> str:
