@@ -377,3 +377,40 @@ def test_librknnrt_version_is_read_from_the_librarys_strings(tmp_path: Path) -> 
     (tmp_path / "other.so").write_bytes(b"\x7fELF nothing here")
     assert platform._librknnrt_version_in(tmp_path / "other.so") is None
     assert platform._librknnrt_version_in(tmp_path / "missing.so") is None
+
+
+@needs_simulator
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_the_workers_watchdog_holds_none_of_its_pipes(
+    test_models: dict[str, models.TestModel],
+) -> None:
+    """The watchdog keeps no end of the worker's pipes open: the app reads the worker's output to
+    its end when the worker closes, and must not wait for the watchdog to notice."""
+    import time
+
+    from rkort.backends.simulator import open_simulator
+    from rkort.compiler import BuildSpec
+
+    spec = BuildSpec(
+        str(test_models["mlp"].path),
+        ("x",),
+        ((2, 16),),
+        ("float32",),
+        ("y",),
+        ((2, 8),),
+        ("float32",),
+    )
+    runner = open_simulator(spec)
+    try:
+        with open(f"/proc/{runner.pid}/task/{runner.pid}/children") as f:
+            (watchdog,) = [int(p) for p in f.read().split()]
+        held = {
+            os.readlink(f"/proc/{watchdog}/fd/{fd}") for fd in os.listdir(f"/proc/{watchdog}/fd")
+        }
+        assert held <= {os.devnull, "anon_inode:[pidfd]"}, held
+    finally:
+        runner.close()
+    deadline = time.monotonic() + 10
+    while process_alive(watchdog) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(watchdog), "the watchdog outlived its worker"

@@ -266,7 +266,12 @@ def _watchdog(app: int, worker: int) -> None:
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        os.closerange(3, 1 << 16)  # the worker's pipe must end with the worker, not with us
+        # The worker's pipes (its requests, and its output the app reads to the end) must end
+        # with the worker, not with us.
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 1 << 16)
         try:
             handle: int | None = os.pidfd_open(app)
         except (AttributeError, OSError):
