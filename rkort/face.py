@@ -208,10 +208,6 @@ class SharedFaces:
             while len(self._states) > self._limit:
                 self._states.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._states.clear()
-
 
 #: The face sessions this process shares (see :class:`SharedFaces`).
 SHARED = SharedFaces()
