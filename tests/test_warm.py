@@ -173,6 +173,17 @@ def test_a_warm_board_open_never_parses_the_model(
         feed = dict(zip(m.input_names, m.make_feed(1)))
         out = sess.run(None, feed)[0]
         assert rkort.session_stats(sess)["blobs_loaded"] == 1
+        # Opening it again creates no onnxruntime session: it shares the face session.
+        created: list[object] = []
+        monkeypatch.setattr(
+            ort.InferenceSession,
+            "_create_inference_session",
+            lambda self, *a, **k: created.append(self),
+        )
+        again = _session(m.path, tmp_path / "cache")
+        assert not created and again._sess is sess._sess
+        np.testing.assert_array_equal(again.run(None, feed)[0], out)
+        assert [i.name for i in again.get_inputs()] == list(m.input_names)
     monkeypatch.undo()
     np.testing.assert_allclose(out, ort.InferenceSession(str(m.path)).run(None, feed)[0], atol=1e-2)
 
