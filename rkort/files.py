@@ -240,7 +240,7 @@ def owned_tempdir(prefix: str, create: bool = True) -> Path:
     tmp = Path(tempfile.gettempdir())
     for name in listdir(tmp):
         owner = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
-        if not owner.isdigit() or _alive(int(owner)):
+        if not owner.isdigit() or pid_alive(int(owner)):
             continue
         try:
             if not owned(os.lstat(tmp / name)):
@@ -253,7 +253,8 @@ def owned_tempdir(prefix: str, create: bool = True) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process ``pid`` exists (whoever owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

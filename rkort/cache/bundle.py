@@ -245,18 +245,8 @@ def _sweep(tmp: Path) -> None:
     """Remove what imports killed before they could clean up left in ``tmp/``."""
     for name in files.listdir(tmp):
         pid = name.split("-")[1] if name.startswith("import-") else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not files.pid_alive(int(pid)):
             remove_tree(tmp / name)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, another user's
-    return True
 
 
 def _refuse(bundle: Path, why: str) -> BundleError:

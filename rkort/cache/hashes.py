@@ -26,10 +26,9 @@ logger = logging.getLogger("rkort.cache")
 # memoized, the same "racily clean" rule git and ccache follow.
 _RACY_WINDOW_S = 2.0
 
-#: What this process already read from the memos, by (kind, cache root, real path): the stamp it
-#: was read for and its value. A session open asks for its model's hash several times; an
-#: unchanged stamp answers from here without reading the memo file again.
-_SEEN: dict[tuple[str, str, str], tuple[list[Any], Any]] = {}
+#: Digests this process read from (or wrote to) the memos, by (cache root, real path): the stamp
+#: they hold for and the digest. An unchanged stamp answers without reading the memo again.
+_SEEN: dict[tuple[str, str], tuple[list[Any], str]] = {}
 
 
 def _stamp(real: str, st: os.stat_result) -> list[Any]:
@@ -71,12 +70,8 @@ class HashMemo:
         if known_model is not None and all(_quick(f) == q for f, q in known_model[0]):
             return known_model[1]  # the same files as last time: no realpath, no memo read
         real = os.path.realpath(os.fspath(path))
-        stamp = _stamp(real, os.stat(real))
-        seen = ("extra", str(self.root), real)
-        known = _SEEN.get(seen)
-        if known is not None and known[0] == stamp:
-            return self.content_hash(real, known[1])
         memo_path = self.root / "hashes" / f"{_name(real)}.extra.json"
+        stamp = _stamp(real, os.stat(real))
         memo = files.read_json(memo_path) if self._ready() else None
         if (
             isinstance(memo, dict)
@@ -84,7 +79,6 @@ class HashMemo:
             and isinstance(memo.get("files"), list)
         ):
             extra = [str(f) for f in memo["files"]]
-            _SEEN[seen] = (stamp, extra)
         else:
             extra = [os.fspath(f) for f in find_extra()]
             try:
@@ -92,8 +86,6 @@ class HashMemo:
                 files.write_atomic(memo_path, json.dumps({"stamp": stamp, "files": extra}).encode())
             except OSError as exc:
                 logger.debug("could not memoize the data files of %s: %s", real, exc)
-            else:
-                _SEEN[seen] = (stamp, extra)
         before = [(f, _quick(f)) for f in (os.fspath(path), *extra)]
         digest = self.content_hash(real, extra)
         if all(self._trusted(f) for f, _ in before):
@@ -103,16 +95,16 @@ class HashMemo:
 
     def _trusted(self, path: str) -> bool:
         real = os.path.realpath(path)
-        known = _SEEN.get(("sha256", str(self.root), real))
+        known = _SEEN.get((str(self.root), real))
         return known is not None and known[0] == _stamp(real, os.stat(real))
 
     def file_digest(self, path: files.StrPath) -> str:
         real = os.path.realpath(os.fspath(path))
         stamp = _stamp(real, os.stat(real))
-        seen = ("sha256", str(self.root), real)
+        seen = (str(self.root), real)
         known = _SEEN.get(seen)
         if known is not None and known[0] == stamp:
-            return str(known[1])
+            return known[1]
         memo_path = self.root / "hashes" / f"{_name(real)}.json"
         if self._ready():
             memo = files.read_json(memo_path)

@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from ..files import pid_alive
 from ..spec import data_formats
 from .hybrid import analyse, layered_build
 from .protocol import DATASET_NAME, PARENT_ENV, WORKDIR_PREFIX
@@ -281,7 +282,7 @@ def _watchdog(app: int, worker: int) -> None:
                 gone = bool(select.select([handle], [], [], 0.5)[0])
             else:
                 time.sleep(0.5)
-                gone = not _alive(app)
+                gone = not pid_alive(app)
             if gone:
                 os.kill(worker, signal.SIGKILL)
                 _remove_own_workdir()
@@ -289,16 +290,6 @@ def _watchdog(app: int, worker: int) -> None:
     except BaseException:  # noqa: BLE001 - a watchdog never raises into the worker's code
         code = 1
     os._exit(code)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _remove_own_workdir() -> None:
